@@ -1,0 +1,154 @@
+"""Load a YAML config onto the typed schema, apply dotted overrides, validate before any process group starts."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import braceexpand
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llm2clip_scale.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as 'field: what is wrong; how to fix it'."""
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge ``path`` (YAML) and ``overrides`` (``a.b=value``) onto the schema; raise ConfigError naming the field."""
+    base = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path!s} does not exist")
+        layers.append(OmegaConf.load(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.lr=1e-5")
+        layers.append(OmegaConf.from_dotlist([item]))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe_omegaconf_error(err)) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(err).splitlines()[0]
+    if "not in" in message or "Key '" in message and "not" in message:
+        return f"{key}: unknown key ({message}); check the spelling against llm2clip_scale/config/schema.py"
+    return f"{key}: {message}; give a value of the type declared in llm2clip_scale/config/schema.py"
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announces before init: torchrun's WORLD_SIZE or Slurm's SLURM_NTASKS."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace- and glob-expand a shard pattern (``::`` separates several patterns)."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        for item in braceexpand.braceexpand(part):
+            urls.extend(sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item])
+    return urls
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check the rules that span fields. Raises ConfigError listing every problem found."""
+    world = world_size if world_size is not None else world_size_from_env()
+    problems: list[str] = []
+    par, train, model, data = cfg.parallel, cfg.train, cfg.model, cfg.data
+
+    if par.tensor_parallel < 1 or par.pipeline_parallel < 1:
+        problems.append("parallel.tensor_parallel/pipeline_parallel: must be >= 1")
+    elif world % (par.tensor_parallel * par.pipeline_parallel) != 0:
+        problems.append(
+            f"parallel: tensor_parallel ({par.tensor_parallel}) x pipeline_parallel ({par.pipeline_parallel}) = "
+            f"{par.tensor_parallel * par.pipeline_parallel} does not divide the world size {world}; "
+            "pick TP and PP whose product divides the number of ranks"
+        )
+    if par.pipeline_parallel > 1:
+        problems.append(
+            "parallel.pipeline_parallel: stage-2 online embedding runs the LLM with PP=1 in this version; "
+            "use tensor_parallel for the text tower"
+        )
+    if par.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"parallel.zero_stage: {par.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if par.backend not in ("auto", "nccl", "gloo"):
+        problems.append(f"parallel.backend: {par.backend!r} unknown; use auto, nccl or gloo")
+
+    if train.micro_batch < 1 or train.global_batch < 1:
+        problems.append("train.micro_batch/global_batch: must be >= 1")
+    elif train.global_batch % (train.micro_batch * world) != 0:
+        problems.append(
+            f"train.global_batch: {train.global_batch} is not a multiple of micro_batch ({train.micro_batch}) x "
+            f"world size ({world}) = {train.micro_batch * world}; set global_batch to a multiple of it"
+        )
+    if train.stage != "stage2":
+        problems.append(f"train.stage: {train.stage!r} is not a stage this version trains; use stage2")
+    if train.precision not in ("fp32", "bf16"):
+        problems.append(f"train.precision: {train.precision!r} unsupported; use fp32 or bf16 (fp16 is not offered)")
+    if train.steps < 1:
+        problems.append("train.steps: must be >= 1")
+    if not 0 <= train.warmup_steps <= train.steps:
+        problems.append(f"train.warmup_steps: {train.warmup_steps} must lie in [0, train.steps={train.steps}]")
+
+    if model.adapter.input_dim != model.llm.hidden_size:
+        problems.append(
+            f"model.adapter.input_dim: {model.adapter.input_dim} != model.llm.hidden_size {model.llm.hidden_size}; "
+            "the adapter consumes the LLM's pooled embedding, so set them equal"
+        )
+    llm = model.llm
+    if llm.hidden_size % llm.num_attention_heads or llm.num_attention_heads % llm.num_query_groups:
+        problems.append(
+            "model.llm: hidden_size must be divisible by num_attention_heads, and num_attention_heads by "
+            "num_query_groups"
+        )
+    elif llm.num_query_groups % par.tensor_parallel or llm.num_attention_heads % par.tensor_parallel:
+        problems.append(
+            f"parallel.tensor_parallel: {par.tensor_parallel} must divide model.llm.num_attention_heads "
+            f"({llm.num_attention_heads}) and num_query_groups ({llm.num_query_groups})"
+        )
+    if not llm.tokenizer:
+        problems.append("model.llm.tokenizer: empty; point it at a HuggingFace tokenizer directory")
+    elif not Path(llm.tokenizer).is_dir():
+        problems.append(f"model.llm.tokenizer: {llm.tokenizer} is not a directory; create it or fix the path")
+    if llm.hf_checkpoint is not None and not Path(llm.hf_checkpoint).is_dir():
+        problems.append(f"model.llm.hf_checkpoint: {llm.hf_checkpoint} is not a directory")
+
+    if not data.train_shards:
+        problems.append("data.train_shards: empty; give a shard pattern like /data/train-{000000..000009}.tar")
+    else:
+        missing = [u for u in expand_shards(data.train_shards) if not Path(u).is_file()]
+        if missing or not expand_shards(data.train_shards):
+            problems.append(
+                f"data.train_shards: {len(missing)} shard(s) missing, first {missing[:1] or [data.train_shards]}; "
+                "fix the pattern or build the shards (python data_prep/make_synthetic.py for the demo)"
+            )
+    if data.eval_shards:
+        missing = [u for u in expand_shards(data.eval_shards) if not Path(u).is_file()]
+        if missing:
+            problems.append(f"data.eval_shards: {len(missing)} shard(s) missing, first {missing[0]}")
+    if not data.caption_fields or any(w < 0 for w in data.caption_fields.values()) or not any(
+        w > 0 for w in data.caption_fields.values()
+    ):
+        problems.append("data.caption_fields: give at least one field with a positive weight, e.g. {raw: 1.0}")
+    if data.augment not in ("none", "random_resized_crop"):
+        problems.append(f"data.augment: {data.augment!r} unknown; use none or random_resized_crop")
+    if len(data.image_mean) != 3 or len(data.image_std) != 3:
+        problems.append("data.image_mean/image_std: give 3 values (RGB)")
+    if len(cfg.optim.betas) != 2:
+        problems.append(f"optim.betas: give two values, got {cfg.optim.betas}")
+
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

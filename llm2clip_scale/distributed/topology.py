@@ -1,0 +1,101 @@
+"""Process-group set-up and the colocated layout of DESIGN.md.
+
+Every rank holds a vision-tower replica (data-parallel over the whole world, under DeepSpeed) and one shard of the
+LLM: megatron-core parallel_state splits the world into TP x PP model-parallel groups; LLM data parallel is
+world / (TP * PP).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    pp_size: int
+    tp_rank: int
+    pp_rank: int
+    llm_dp_rank: int
+    llm_dp_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed from torchrun (RANK/WORLD_SIZE) or Slurm (SLURM_PROCID/SLURM_NTASKS) variables.
+
+    A single process with neither set becomes a world of one, so the same entry point serves debugging.
+    """
+    if dist.is_initialized():
+        return
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
+
+
+def build_topology(tp_size: int = 1, pp_size: int = 1) -> Topology:
+    """Create megatron-core's TP/PP/DP groups over the initialised world and describe this rank's place in them."""
+    from megatron.core import parallel_state
+
+    from llm2clip_scale.distributed.cpu_compat import enable_cpu_compat
+
+    enable_cpu_compat()  # inert when CUDA is present
+    world = dist.get_world_size()
+    if world % (tp_size * pp_size):
+        raise ValueError(f"TP ({tp_size}) x PP ({pp_size}) does not divide the world size {world}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return Topology(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=local_rank,
+        tp_size=tp_size,
+        pp_size=pp_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        llm_dp_rank=parallel_state.get_data_parallel_rank(),
+        llm_dp_size=parallel_state.get_data_parallel_world_size(),
+        device=device,
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

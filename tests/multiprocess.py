@@ -1,0 +1,71 @@
+"""Run a function on N gloo ranks in spawned processes and collect each rank's return value.
+
+Monkeypatches (the megatron CPU layer) happen inside the spawned processes, so they never leak between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        result = fn(*args)
+        payload = ("ok", result)
+    except BaseException:  # noqa: BLE001 - the parent re-raises with the child's traceback
+        payload = ("error", traceback.format_exc())
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as fh:
+        pickle.dump(payload, fh)
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> list[Any]:
+    """Call ``fn(*args)`` on ``world_size`` ranks with RANK/WORLD_SIZE/MASTER_* set; return results by rank.
+
+    ``fn`` must be a module-level function (it is pickled) and initialise the process group itself
+    (e.g. through llm2clip_scale.distributed.topology.init_distributed).
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(
+            _entry, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=False,
+            start_method="spawn",
+        )
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout}s")
+        results = []
+        for rank in range(world_size):
+            status, value = pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes())
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+        return results
