@@ -126,6 +126,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if llm.hf_checkpoint is not None and not Path(llm.hf_checkpoint).is_dir():
         problems.append(f"model.llm.hf_checkpoint: {llm.hf_checkpoint} is not a directory")
 
+    if model.vision.pretrained_path is not None and not Path(model.vision.pretrained_path).is_file():
+        problems.append(f"model.vision.pretrained_path: {model.vision.pretrained_path} is not a file")
+
     if not data.train_shards:
         problems.append("data.train_shards: empty; give a shard pattern like /data/train-{000000..000009}.tar")
     else:

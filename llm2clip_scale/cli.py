@@ -1,0 +1,70 @@
+"""Command line: ``llm2clip-scale <command> CONFIG [dotted.key=value ...]``.
+
+Multi-rank runs are launched by torchrun or srun, one process per rank; every rank runs the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from llm2clip_scale.config.load import ConfigError, load_config, validate, world_size_from_env
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm2clip-scale", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the stage named by train.stage; prints one JSON result line")
+    check = commands.add_parser("validate", help="load, override and validate a config without starting anything")
+    for sub in (train, check):
+        sub.add_argument("config", help="YAML file under configs/")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.zero_stage=2")
+    check.add_argument("--world-size", type=int, default=None, help="ranks to validate against (default: env)")
+    check.add_argument("--print", action="store_true", help="print the merged config as YAML")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may follow options (``validate cfg.yaml --world-size 4 train.lr=1``): collect the leftovers too.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world_size = getattr(args, "world_size", None)
+        validate(cfg, world_size if world_size is not None else world_size_from_env())
+        if args.command == "validate":
+            if args.print:
+                from omegaconf import OmegaConf
+
+                print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            print(f"{args.config}: valid")
+            return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from llm2clip_scale.train.stage2 import train_stage2
+
+    result = train_stage2(cfg)
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+    from llm2clip_scale.distributed.topology import shutdown
+
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

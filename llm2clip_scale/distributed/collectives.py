@@ -1,0 +1,35 @@
+"""Collectives the libraries do not offer in the shape we need: all-gather of rows when ranks hold different counts."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+
+
+def all_gather_rows(
+    rows: torch.Tensor, group: dist.ProcessGroup | None = None, differentiable: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Concatenate every rank's ``rows`` along dim 0 in rank order; return them and this rank's row offset.
+
+    Ranks may hold different numbers of rows (last eval batch, uneven captions), which torch's all_gather does not
+    allow, so counts are exchanged first and rows zero-padded for the collective. With ``differentiable`` the
+    gradient of each gathered row flows back to the rank that owns it (summed over the ranks that used it).
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return rows, 0
+    world = dist.get_world_size(group)
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    counts_t = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts_t, count, group=group)
+    counts = [int(c.item()) for c in counts_t]
+    pad = [0, 0] * (rows.dim() - 1) + [0, max(counts) - rows.shape[0]]
+    padded = F.pad(rows, pad)
+    if differentiable:
+        parts = dist_nn.all_gather(padded, group=group)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0), sum(counts[:rank])

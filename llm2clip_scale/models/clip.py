@@ -1,0 +1,45 @@
+"""The trainable half of stage 2: vision tower, adapter and logit scale. Knows nothing of data or the LLM."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm2clip_scale.config.schema import ModelConfig
+from llm2clip_scale.models.adapter import LLMAdapter
+from llm2clip_scale.models.vision.timm_tower import build_vision_tower
+
+
+class CLIPWithAdapter(nn.Module):
+    def __init__(self, vision: nn.Module, adapter: nn.Module, logit_scale_init: float, logit_scale_max: float) -> None:
+        super().__init__()
+        self.vision = vision
+        self.adapter = adapter
+        # Shape [1], not []: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes (CPU_STACK.md D3).
+        self.logit_scale = nn.Parameter(torch.full([1], logit_scale_init))
+        self.logit_scale_max = logit_scale_max
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision(images), dim=-1)
+
+    def encode_text(self, llm_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.adapter(llm_embeddings), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """exp of the learnable temperature, clamped at logit_scale_max (ln 100) as in CLIP."""
+        return self.logit_scale.clamp(max=self.logit_scale_max).exp().squeeze(0)
+
+    def forward(
+        self, images: torch.Tensor, llm_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(llm_embeddings), self.scale()
+
+
+def build_clip_model(cfg: ModelConfig) -> CLIPWithAdapter:
+    return CLIPWithAdapter(
+        vision=build_vision_tower(cfg.vision, cfg.embed_dim),
+        adapter=LLMAdapter(cfg.adapter, cfg.embed_dim),
+        logit_scale_init=cfg.logit_scale_init,
+        logit_scale_max=cfg.logit_scale_max,
+    )

@@ -1,0 +1,59 @@
+"""DeepSpeed engine for the trainable side of stage 2 (vision tower + adapter + logit scale).
+
+The vision side is data-parallel over the whole world: no mpu is passed, so DeepSpeed's DP group is the world
+and ZeRO shards over every rank, independently of the LLM's TP x PP groups.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import deepspeed
+import torch
+from torch import nn
+
+from llm2clip_scale.config.schema import Config
+from llm2clip_scale.train.schedule import warmup_cosine
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    train = cfg.train
+    return {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.global_batch // (train.micro_batch * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 10**9,  # our MetricLogger reports; silence DeepSpeed's own step prints
+        "wall_clock_breakdown": False,
+    }
+
+
+def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases, norm weights and scalars (logit scale) are not decayed, as in CLIP/open_clip.
+    return param.ndim < 2 or "norm" in name or "bias" in name or "logit_scale" in name
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_weight_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, cfg: Config, world_size: int) -> deepspeed.DeepSpeedEngine:
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+    )
+    schedule = functools.partial(
+        warmup_cosine, total_steps=cfg.train.steps, warmup_steps=cfg.train.warmup_steps,
+        min_ratio=cfg.train.min_lr_ratio,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
+    )
+    return engine

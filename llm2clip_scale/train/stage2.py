@@ -1,0 +1,160 @@
+"""Stage 2 (LLM2CLIP): frozen LLM embeds captions online; vision tower + adapter + logit scale train contrastively.
+
+The path of one batch, top to bottom:
+  loader (this rank's b samples) -> TP group embeds its ranks' captions once (frozen LLM) -> DeepSpeed engine
+  (vision tower + adapter) -> InfoNCE over features gathered across the world -> engine.backward/step -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from llm2clip_scale.config.load import validate
+from llm2clip_scale.config.schema import Config
+from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
+from llm2clip_scale.distributed.collectives import all_gather_rows
+from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
+from llm2clip_scale.eval.retrieval import retrieval_recall
+from llm2clip_scale.losses.contrastive import clip_loss
+from llm2clip_scale.metrics.logger import MetricLogger
+from llm2clip_scale.models.clip import build_clip_model
+from llm2clip_scale.models.llm.group_embed import embed_local_batch
+from llm2clip_scale.models.llm.tower import build_text_tower
+from llm2clip_scale.train.engine import build_engine
+
+log = logging.getLogger("llm2clip_scale.train")
+
+
+def _check_tokenizer_fits(cfg: Config) -> None:
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(cfg.model.llm.tokenizer))
+    if vocab > cfg.model.llm.vocab_size:
+        raise ValueError(
+            f"model.llm.vocab_size: {cfg.model.llm.vocab_size} is smaller than the tokenizer's vocabulary ({vocab}) "
+            f"at {cfg.model.llm.tokenizer}; raise vocab_size or use the LLM's own tokenizer"
+        )
+
+
+class Stage2Step:
+    """One micro-batch forward/backward: the composition of towers, loss and engine."""
+
+    def __init__(self, engine, text_tower: torch.nn.Module, topo: Topology, dtype: torch.dtype) -> None:
+        self.engine = engine
+        self.text_tower = text_tower
+        self.topo = topo
+        self.dtype = dtype
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self.topo.device
+        llm_embeddings = embed_local_batch(
+            self.text_tower, batch["input_ids"].to(device), batch["attention_mask"].to(device), self.tp_group
+        )
+        images = batch["images"].to(device, self.dtype)
+        image_features, text_features, scale = self.engine(images, llm_embeddings.to(self.dtype))
+        # The loss runs in fp32 whatever the tower precision: bf16 logits at scale 100 lose the ranking.
+        return image_features.float(), text_features.float(), scale.float()
+
+    def __call__(self, batch: dict) -> float:
+        image_features, text_features, scale = self.features(batch)
+        loss = clip_loss(image_features, text_features, scale)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+
+@torch.no_grad()
+def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
+    """R@k on the held-out split: every rank encodes its share, features are gathered and re-ordered by index."""
+    step_fn.engine.eval()
+    loader = build_eval_loader(
+        cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.eval.batch_size, topo.rank,
+        topo.world_size, cfg.eval.max_samples, cfg.data.max_text_len, cfg.data.eval_caption_field,
+    )
+    images, texts, indices = [], [], []
+    for batch in loader:
+        image_features, text_features, _ = step_fn.features(batch)
+        images.append(image_features)
+        texts.append(text_features)
+        indices.append(batch["index"].to(topo.device))
+    step_fn.engine.train()
+    all_images, _ = all_gather_rows(torch.cat(images))
+    all_texts, _ = all_gather_rows(torch.cat(texts))
+    order = torch.argsort(all_gather_rows(torch.cat(indices))[0])
+    return retrieval_recall(all_images[order].cpu(), all_texts[order].cpu())
+
+
+def train_stage2(cfg: Config) -> dict:
+    """Train stage 2 from ``cfg``; returns the final metrics (on every rank)."""
+    validate(cfg)
+    _check_tokenizer_fits(cfg)
+    init_distributed(cfg.parallel.backend)
+    topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    started = time.perf_counter()
+    # Same seed on every rank: replicas start identical (DeepSpeed also broadcasts rank 0's weights).
+    torch.manual_seed(cfg.train.seed)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+    text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device)
+    engine = build_engine(build_clip_model(cfg.model), cfg, topo.world_size)
+    step_fn = Stage2Step(engine, text_tower, topo, dtype)
+    loader = iter(build_train_loader(
+        cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
+        topo.world_size, cfg.train.seed, cfg.data.max_text_len,
+    ))
+    accumulation = engine.gradient_accumulation_steps()
+    logger = MetricLogger(cfg.logging, cfg.train.steps, topo.is_main)
+    skipped: dict[str, int] = {}
+    losses: list[float] = []
+    for step in range(1, cfg.train.steps + 1):
+        step_start = time.perf_counter()
+        step_loss = 0.0
+        for _ in range(accumulation):
+            batch = next(loader)
+            skipped = batch["skipped"]
+            step_loss += step_fn(batch) / accumulation
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
+        losses.append(step_loss)
+        skipped_total = _sum_over_ranks(sum(skipped.values()), topo.device)
+        logger.log_step(step, {
+            "loss": step_loss,
+            "lr": engine.get_lr()[0],
+            "logit_scale": engine.module.scale().item(),
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "samples_per_s": cfg.train.global_batch / (time.perf_counter() - step_start),
+            "skipped_samples": skipped_total,
+        })
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
+            engine.save_checkpoint(cfg.checkpoint.dir, tag=f"step{step}", client_state={"step": step})
+    engine.save_checkpoint(cfg.checkpoint.dir, tag=f"step{cfg.train.steps}", client_state={"step": cfg.train.steps})
+    train_seconds = time.perf_counter() - started
+
+    result: dict = {"steps": cfg.train.steps, "first_loss": losses[0], "final_loss": losses[-1]}
+    if cfg.data.eval_shards:
+        metrics = evaluate(step_fn, cfg, topo)
+        logger.log_eval(cfg.train.steps, metrics)
+        result.update(metrics)
+    result["skipped_samples"] = _sum_over_ranks(sum(skipped.values()), topo.device)
+    result["train_seconds"] = round(train_seconds, 1)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    logger.close()
+    if topo.is_main:
+        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.logging.dir) / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
