@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 
@@ -27,7 +27,10 @@ def all_gather_rows(
     pad = [0, 0] * (rows.dim() - 1) + [0, max(counts) - rows.shape[0]]
     padded = F.pad(rows, pad)
     if differentiable:
-        parts = dist_nn.all_gather(padded, group=group)
+        # torch's functional collective carries autograd (backward = reduce-scatter of the gradients); it is the
+        # replacement torch names for the deprecated torch.distributed.nn.functional.all_gather.
+        group = group if group is not None else dist.group.WORLD
+        parts = funcol.all_gather_single(padded.contiguous(), 0, group).chunk(world, dim=0)
     else:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded.contiguous(), group=group)
