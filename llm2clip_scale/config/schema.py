@@ -17,7 +17,14 @@ class VisionConfig:
     # Extra timm constructor kwargs, e.g. {depth: 2, embed_dim: 64} for a tiny CPU tower.
     timm_kwargs: dict = field(default_factory=dict)
     pretrained_path: str | None = None  # local weights file (timm / open_clip / OpenAI format)
+    pretrained_strict: bool = True  # missing/unexpected trunk keys are an error
     grad_checkpointing: bool = False
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped in training (timm patch_drop_rate)
+    lock: bool = False  # freeze the trunk (the fresh head still trains)
+    lock_unlocked_groups: int = 0  # with lock: unfreeze the last N blocks (+ final norm / attention pool)
+    lora_rank: int = 0  # > 0: LoRA on the trunk's attention linears, trunk frozen
+    lora_alpha: float = 32.0
+    layer_decay: float = 1.0  # layer-wise lr decay over trunk depth (1.0 = off)
 
 
 @dataclass
@@ -33,6 +40,10 @@ class LLMConfig:
     max_seq_len: int = 512
     rotary_base: float = 500000.0
     norm_eps: float = 1e-5
+    # Llama-3.1-style RoPE frequency scaling as in HF's rope_parameters (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); empty = plain RoPE. Llama 3.1/3.2 checkpoints need it.
+    rope_scaling: dict[str, float] = field(default_factory=dict)
+    qkv_bias: bool = False  # Qwen2-family checkpoints have biases on q/k/v
     bidirectional: bool = True
     tokenizer: str = ""  # HF tokenizer directory
     hf_checkpoint: str | None = None  # HF Llama-family checkpoint directory to import

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llm2clip_scale.config.schema import Config
+from llm2clip_scale.models.vision.param_groups import build_param_groups
 from llm2clip_scale.train.schedule import warmup_cosine
 
 
@@ -30,22 +31,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
 
 
-def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    # Biases, norm weights and scalars (logit scale) are not decayed, as in CLIP/open_clip.
-    return param.ndim < 2 or "norm" in name or "bias" in name or "logit_scale" in name
-
-
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if _no_weight_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def build_engine(model: nn.Module, cfg: Config, world_size: int) -> deepspeed.DeepSpeedEngine:
     optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, cfg.optim.weight_decay),
+        build_param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.model.vision.layer_decay),
         lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
     )
     schedule = functools.partial(
