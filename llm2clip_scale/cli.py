@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from llm2clip_scale.config.load import ConfigError, load_config, validate, world_size_from_env
 
@@ -27,7 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Known start-up noise, repeated once per rank: optional GPU extras that are absent, and deprecations inside the
+# libraries (not in our code). `llm2clip-scale env` reports which fused implementations are active instead.
+_QUIET = (
+    r".*(Apex|Transformer Engine).* not installed.*",
+    r"full scope is deprecated.*",
+    r".*torch\.distributed\.all_gather_into_tensor.* is deprecated.*",
+)
+
+
+def _quiet_library_warnings() -> None:
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_library_warnings()
     parser = _parser()
     # Overrides may follow options (``validate cfg.yaml --world-size 4 train.lr=1``): collect the leftovers too.
     args, extra = parser.parse_known_args(argv)

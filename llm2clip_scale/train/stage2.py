@@ -95,11 +95,11 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
 
 def train_stage2(cfg: Config) -> dict:
     """Train stage 2 from ``cfg``; returns the final metrics (on every rank)."""
+    started = time.perf_counter()
     validate(cfg)
     _check_tokenizer_fits(cfg)
     init_distributed(cfg.parallel.backend)
     topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
-    started = time.perf_counter()
     # Same seed on every rank: replicas start identical (DeepSpeed also broadcasts rank 0's weights).
     torch.manual_seed(cfg.train.seed)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -122,6 +122,8 @@ def train_stage2(cfg: Config) -> dict:
             batch = next(loader)
             skipped = batch["skipped"]
             step_loss += step_fn(batch) / accumulation
+        # Each rank holds its local loss; their mean is the loss over the global batch.
+        step_loss = _mean_over_ranks(step_loss, topo.device)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
         losses.append(step_loss)
@@ -152,6 +154,12 @@ def train_stage2(cfg: Config) -> dict:
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.logging.dir) / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
 
 
 def _sum_over_ranks(value: int, device: torch.device) -> int:
