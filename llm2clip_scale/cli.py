@@ -1,4 +1,4 @@
-"""Command line: ``llm2clip-scale <command> CONFIG [dotted.key=value ...]``.
+"""Command line: ``llm2clip-scale <command> CONFIG [dotted.key=value ...]``, and ``llm2clip-scale env [--json]``.
 
 Multi-rank runs are launched by torchrun or srun, one process per rank; every rank runs the same command.
 """
@@ -25,7 +25,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.zero_stage=2")
     check.add_argument("--world-size", type=int, default=None, help="ranks to validate against (default: env)")
     check.add_argument("--print", action="store_true", help="print the merged config as YAML")
+    env = commands.add_parser("env", help="print versions, devices and which fused kernels are active, and why")
+    env.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
+
+
+def _env(as_json: bool) -> int:
+    from llm2clip_scale.kernels import environment, format_environment
+
+    report = environment()
+    print(json.dumps(report) if as_json else format_environment(report))
+    return 0
 
 
 # Known start-up noise, repeated once per rank: optional GPU extras that are absent, and deprecations inside the
@@ -48,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options (``validate cfg.yaml --world-size 4 train.lr=1``): collect the leftovers too.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown or (args.command == "env" and extra):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if args.command == "env":  # needs no config
+        return _env(args.json)
     args.overrides = [*args.overrides, *extra]
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     logging.basicConfig(
@@ -71,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from llm2clip_scale.train.stage2 import train_stage2
+    from llm2clip_scale.train import run_training
 
-    result = train_stage2(cfg)
+    result = run_training(cfg)
     if rank == 0:
         print(json.dumps(result), flush=True)
     from llm2clip_scale.distributed.topology import shutdown

@@ -97,3 +97,17 @@ def test_cli_validate_reports_error_exit_code(paths: list[str], capsys: pytest.C
     assert cli_main(["validate", str(TINY), "--world-size", "2", *paths]) == 0
     assert cli_main(["validate", str(TINY), "--world-size", "2", *paths, "model.adapter.input_dim=1"]) == 2
     assert "model.adapter.input_dim: 1" in capsys.readouterr().err
+
+
+def test_loss_names_agree_with_the_losses_package() -> None:
+    from llm2clip_scale.config.load import LOSS_NAMES as CONFIG_NAMES
+    from llm2clip_scale.losses import LOSS_NAMES
+
+    assert CONFIG_NAMES == LOSS_NAMES
+
+
+def test_siglip_needs_a_bias_and_infonce_none(paths: list[str]) -> None:
+    assert "model.logit_bias_init" in _problems([*paths, "train.loss=siglip"])
+    assert "model.logit_bias_init" in _problems([*paths, "model.logit_bias_init=-10"])
+    validate(load_config(TINY, [*paths, "train.loss=siglip", "model.logit_bias_init=-10"]), 2)
+    assert "train.loss: 'hinge' unknown" in _problems([*paths, "train.loss=hinge"])

@@ -12,6 +12,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm2clip_scale.config.schema import Config
 
+# Mirrors llm2clip_scale.losses.LOSS_NAMES (config stays free of torch imports; tests/test_config.py checks they agree).
+LOSS_NAMES = ("infonce", "infonce_tiled", "siglip")
+# Stages llm2clip_scale.train.run_training dispatches on.
+STAGES = ("stage2", "proclip_stage1", "stage1_cc")
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as 'field: what is wrong; how to fix it'."""
@@ -77,10 +82,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"{par.tensor_parallel * par.pipeline_parallel} does not divide the world size {world}; "
             "pick TP and PP whose product divides the number of ranks"
         )
-    if par.pipeline_parallel > 1:
+    if par.pipeline_parallel > 1 and cfg.model.llm.num_layers % par.pipeline_parallel:
         problems.append(
-            "parallel.pipeline_parallel: stage-2 online embedding runs the LLM with PP=1 in this version; "
-            "use tensor_parallel for the text tower"
+            f"parallel.pipeline_parallel: {par.pipeline_parallel} must divide model.llm.num_layers "
+            f"({cfg.model.llm.num_layers}); megatron splits the layers evenly over the stages"
         )
     if par.zero_stage not in (0, 1, 2, 3):
         problems.append(f"parallel.zero_stage: {par.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
@@ -89,13 +94,35 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     if train.micro_batch < 1 or train.global_batch < 1:
         problems.append("train.micro_batch/global_batch: must be >= 1")
+    elif train.stage == "stage1_cc":
+        # Megatron layout: pairs split over LLM data parallelism only; TP/PP ranks of a group share the batch.
+        dp = max(world // max(par.tensor_parallel * par.pipeline_parallel, 1), 1)
+        if train.global_batch % (train.micro_batch * dp) != 0:
+            problems.append(
+                f"train.global_batch: {train.global_batch} pairs is not a multiple of micro_batch ({train.micro_batch})"
+                f" x LLM data-parallel size ({dp}); stage 1 embeds micro_batch pairs at a time per model replica"
+            )
     elif train.global_batch % (train.micro_batch * world) != 0:
         problems.append(
             f"train.global_batch: {train.global_batch} is not a multiple of micro_batch ({train.micro_batch}) x "
             f"world size ({world}) = {train.micro_batch * world}; set global_batch to a multiple of it"
         )
-    if train.stage != "stage2":
-        problems.append(f"train.stage: {train.stage!r} is not a stage this version trains; use stage2")
+    if train.stage not in STAGES:
+        problems.append(f"train.stage: {train.stage!r} unknown; use one of {', '.join(STAGES)}")
+    if train.loss not in LOSS_NAMES:
+        problems.append(f"train.loss: {train.loss!r} unknown; use one of {', '.join(LOSS_NAMES)}")
+    elif (train.loss == "siglip") != (model.logit_bias_init is not None):
+        problems.append(
+            "model.logit_bias_init: the siglip loss needs a learnable bias (set logit_bias_init, e.g. -10) and the "
+            "InfoNCE losses take none (leave it null)"
+        )
+    if train.self_distill_weight > 0 and par.zero_stage == 3:
+        problems.append(
+            "train.self_distill_weight: the EMA teacher reads the student's full weights, which ZeRO-3 partitions; "
+            "use parallel.zero_stage <= 2 for ProCLIP stage 2"
+        )
+    if not 0.0 <= train.ema_momentum < 1.0:
+        problems.append(f"train.ema_momentum: {train.ema_momentum} must lie in [0, 1)")
     if train.precision not in ("fp32", "bf16"):
         problems.append(f"train.precision: {train.precision!r} unsupported; use fp32 or bf16 (fp16 is not offered)")
     if train.steps < 1:
@@ -128,6 +155,29 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     if model.vision.pretrained_path is not None and not Path(model.vision.pretrained_path).is_file():
         problems.append(f"model.vision.pretrained_path: {model.vision.pretrained_path} is not a file")
+    for name in ("adapter_init", "vision_head_init"):
+        value = getattr(model, name)
+        if value is not None and not Path(value).is_file():
+            problems.append(f"model.{name}: {value} is not a file; run the step that writes it first")
+    if train.stage == "proclip_stage1":
+        teacher = cfg.proclip.teacher_text
+        if not teacher or not (Path(teacher) / "config.json").is_file():
+            problems.append(
+                f"proclip.teacher_text: {teacher!r} is not a HuggingFace CLIP text model directory; train one with "
+                "python data_prep/train_reference_clip.py (it writes <out>/text) or point it at a CLIP export"
+            )
+        if cfg.proclip.instance_weight < 0 or cfg.proclip.structure_weight < 0 or (
+            cfg.proclip.instance_weight == 0 and cfg.proclip.structure_weight == 0
+        ):
+            problems.append("proclip.instance_weight/structure_weight: must be >= 0 and not both 0")
+        if par.zero_stage == 3:
+            problems.append(
+                "parallel.zero_stage: ProCLIP stage 1 saves the adapter from each rank's full weights, which ZeRO-3 "
+                "partitions; use zero_stage <= 2 (the adapter is small)"
+            )
+
+    if train.stage == "stage1_cc":
+        problems.extend(_stage1_problems(cfg))
 
     if not data.train_shards:
         problems.append("data.train_shards: empty; give a shard pattern like /data/train-{000000..000009}.tar")
@@ -155,3 +205,34 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _stage1_problems(cfg: Config) -> list[str]:
+    """Rules of LLM2CLIP stage 1 (train.stage=stage1_cc)."""
+    problems: list[str] = []
+    s1, llm = cfg.stage1, cfg.model.llm
+    if llm.lora_rank < 1:
+        problems.append("model.llm.lora_rank: stage 1 trains LoRA adapters only; set it >= 1 (LLM2CLIP uses 16)")
+    if not 0.0 <= llm.lora_dropout < 1.0:
+        problems.append(f"model.llm.lora_dropout: {llm.lora_dropout} must lie in [0, 1)")
+    if s1.temperature <= 0:
+        problems.append(f"stage1.temperature: {s1.temperature} must be > 0 (LLM2CLIP uses 0.02)")
+    for name in ("fields", "eval_fields"):
+        value = getattr(s1, name)
+        if len(set(value)) < 2:
+            problems.append(f"stage1.{name}: {value} needs two distinct caption fields (query, positive)")
+    if s1.negative_window < 2:
+        problems.append(f"stage1.negative_window: {s1.negative_window} must be >= 2")
+    if s1.eval_pairs:
+        missing = [u for u in expand_shards(s1.eval_pairs) if not Path(u).is_file()]
+        if missing or not expand_shards(s1.eval_pairs):
+            problems.append(f"stage1.eval_pairs: {len(missing)} file(s) missing, first {missing[:1] or [s1.eval_pairs]}")
+    if s1.eval_interval < 0:
+        problems.append("stage1.eval_interval: must be >= 0")
+    if s1.mntp_steps < 0:
+        problems.append("stage1.mntp_steps: must be >= 0")
+    if not 0.0 < s1.mntp_probability < 1.0:
+        problems.append(f"stage1.mntp_probability: {s1.mntp_probability} must lie in (0, 1)")
+    if s1.mntp_lr <= 0:
+        problems.append("stage1.mntp_lr: must be > 0")
+    return problems

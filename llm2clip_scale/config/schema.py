@@ -48,6 +48,13 @@ class LLMConfig:
     tokenizer: str = ""  # HF tokenizer directory
     hf_checkpoint: str | None = None  # HF Llama-family checkpoint directory to import
     seed: int = 1234  # init seed when no checkpoint is given (tiny CPU configs)
+    # Stage-1 LoRA (llm2clip_scale.models.llm.lora); rank 0 trains no adapters.
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    # Prepended to stage-1 query captions and excluded from mean pooling (data/prompts.py); "" for none.
+    instruction: str = ""
 
 
 @dataclass
@@ -67,12 +74,23 @@ class ModelConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
+    logit_bias_init: float | None = None  # SigLIP's learnable bias (init -10); None = no bias (InfoNCE)
+    # ProCLIP stage 2 warm starts (llm2clip_scale.models.warm_start), applied in build_clip_model:
+    # the stage-1 adapter (<stage-1 checkpoint.dir>/adapter.safetensors) ...
+    adapter_init: str | None = None
+    # ... and the pretrained CLIP image projection: head.weight/head.bias of a timm-format vision file (the trunk
+    # loader drops them). Without it the stage-1 adapter's joint space would face a fresh, random image head.
+    vision_head_init: str | None = None
 
 
 @dataclass
 class DataConfig:
     train_shards: str = ""  # brace pattern, e.g. /data/cc/train-{000000..000099}.tar
     eval_shards: str | None = None
+    # Offline mode: sidecar shards holding precomputed LLM embeddings (one per caption field, same keys as the
+    # image shards, one sidecar per image shard in the same order). When set, no LLM is built in stage 2.
+    train_embedding_shards: str | None = None
+    eval_embedding_shards: str | None = None
     # Caption-field mixing: field name in the sample json -> sampling weight.
     caption_fields: dict[str, float] = field(default_factory=lambda: {"raw": 1.0})
     eval_caption_field: str = "short"
@@ -110,6 +128,12 @@ class TrainConfig:
     global_batch: int = 1024  # samples per optimizer step over the whole world
     micro_batch: int = 64  # samples per rank per forward/backward
     precision: str = "bf16"  # fp32 | bf16
+    loss: str = "infonce"  # infonce | infonce_tiled | siglip
+    loss_tile_size: int = 4096  # columns per tile for infonce_tiled
+    # ProCLIP stage 2: loss += self_distill_weight * [MSE + smoothL1(pdist)] against an EMA teacher of the image
+    # encoder (0 = plain LLM2CLIP stage 2).
+    self_distill_weight: float = 0.0
+    ema_momentum: float = 0.999
     seed: int = 0
 
 
@@ -134,6 +158,44 @@ class EvalConfig:
 
 
 @dataclass
+class ProCLIPConfig:
+    """ProCLIP stage 1 (train.stage=proclip_stage1): distil a frozen CLIP text encoder into the LLM adapter."""
+
+    # HF CLIPTextModelWithProjection directory with its tokenizer (data_prep/train_reference_clip.py writes one
+    # to <out>/text); its projection_dim must equal model.embed_dim.
+    teacher_text: str = ""
+    instance_weight: float = 1.0  # weight of L_ins = mean ||norm(adapter(t')) - norm(E_T(T))||^2
+    structure_weight: float = 1.0  # weight of L_struct = smoothL1(pdist(student), pdist(teacher))
+
+
+@dataclass
+class Stage1Config:
+    """LLM2CLIP stage 1 (train.stage=stage1_cc): caption-contrastive LoRA fine-tuning of the LLM (supervised SimCSE).
+
+    Training pairs come from data.train_shards (webdataset shards: two caption fields of one image; or .jsonl/.csv
+    pair files); train.global_batch pairs per step over the LLM data-parallel group, embedded train.micro_batch
+    pairs at a time with gradient caching.
+    """
+
+    temperature: float = 0.02  # SimCSE softmax temperature (LLM2Vec's scale 50)
+    fields: list[str] = field(default_factory=lambda: ["short", "long"])  # caption fields two of which make a pair
+    random_direction: bool = True  # which caption of a pair queries is random per pair (else fields order)
+    hard_negatives: bool = True  # one mined hard negative per pair (a caption of another image)
+    negative_window: int = 16  # pairs around a pair that its hard negative is mined from
+    # Query instruction: "auto" picks one by the pair's direction (data/prompts.py); otherwise model.llm.instruction
+    # is used for every query ("" = none).
+    instruction: str = "auto"
+    # Caption-retrieval accuracy (CRA) split: caption eval_fields[0] of each image queries all eval_fields[1]s.
+    eval_pairs: str | None = None  # shards or pair files; None = no CRA
+    eval_fields: list[str] = field(default_factory=lambda: ["short", "long"])
+    eval_interval: int = 0  # steps between CRA evaluations (0: before and after training only)
+    # Optional MNTP pre-step (masked next-token prediction, LLM2Vec): steps of it before SimCSE; 0 = off.
+    mntp_steps: int = 0
+    mntp_probability: float = 0.2  # share of caption tokens masked
+    mntp_lr: float = 5.0e-5
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,3 +205,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    proclip: ProCLIPConfig = field(default_factory=ProCLIPConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)

@@ -7,6 +7,7 @@ it over ranks (as data-parallel gradient averaging does) gives the global-batch 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -59,13 +60,13 @@ def _siglip(
     return siglip_loss(image_features, text_features, logit_scale, logit_bias, group=group)
 
 
-def build_contrastive_loss(name: str) -> ContrastiveLoss:
-    """The loss called ``name``: "infonce" (gathered local-loss InfoNCE), "infonce_tiled" (same, tiled logits) or
-    "siglip" (ring-exchanged sigmoid loss)."""
+def build_contrastive_loss(name: str, tile_size: int = 4096) -> ContrastiveLoss:
+    """The loss called ``name``: "infonce" (gathered local-loss InfoNCE), "infonce_tiled" (same, logits tiled over
+    ``tile_size`` gathered columns at a time) or "siglip" (ring-exchanged sigmoid loss)."""
     if name == "infonce":
         return _without_bias(name, clip_loss)
     if name == "infonce_tiled":
-        return _without_bias(name, tiled_clip_loss)
+        return _without_bias(name, functools.partial(tiled_clip_loss, tile_size=tile_size))
     if name == "siglip":
         return _siglip
     raise ValueError(f"unknown contrastive loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm2clip_scale.config.schema import AdapterConfig
+from llm2clip_scale.kernels import build_layernorm
 
 
 class ResidualMLPBlock(nn.Module):
@@ -14,7 +15,7 @@ class ResidualMLPBlock(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = build_layernorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
@@ -30,7 +31,7 @@ class LLMAdapter(nn.Module):
         self.blocks = nn.Sequential(
             *(ResidualMLPBlock(cfg.input_dim, cfg.expansion * cfg.input_dim) for _ in range(cfg.num_blocks))
         )
-        self.norm = nn.LayerNorm(cfg.input_dim)
+        self.norm = build_layernorm(cfg.input_dim)
         self.proj = nn.Linear(cfg.input_dim, embed_dim)
 
     def forward(self, llm_embeddings: torch.Tensor) -> torch.Tensor:

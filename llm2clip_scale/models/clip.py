@@ -12,13 +12,22 @@ from llm2clip_scale.models.vision.timm_tower import build_vision_tower
 
 
 class CLIPWithAdapter(nn.Module):
-    def __init__(self, vision: nn.Module, adapter: nn.Module, logit_scale_init: float, logit_scale_max: float) -> None:
+    def __init__(
+        self,
+        vision: nn.Module,
+        adapter: nn.Module,
+        logit_scale_init: float,
+        logit_scale_max: float,
+        logit_bias_init: float | None = None,
+    ) -> None:
         super().__init__()
         self.vision = vision
         self.adapter = adapter
         # Shape [1], not []: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes (CPU_STACK.md D3).
         self.logit_scale = nn.Parameter(torch.full([1], logit_scale_init))
         self.logit_scale_max = logit_scale_max
+        # SigLIP's sigmoid loss needs a learnable bias; InfoNCE is shift-invariant and has none.
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.full([1], logit_bias_init))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision(images), dim=-1)
@@ -32,14 +41,26 @@ class CLIPWithAdapter(nn.Module):
 
     def forward(
         self, images: torch.Tensor, llm_embeddings: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(llm_embeddings), self.scale()
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (image features, text features, logit scale, logit bias or None); features are L2-normalised."""
+        bias = None if self.logit_bias is None else self.logit_bias.squeeze(0)
+        return self.encode_image(images), self.encode_text(llm_embeddings), self.scale(), bias
 
 
 def build_clip_model(cfg: ModelConfig) -> CLIPWithAdapter:
-    return CLIPWithAdapter(
+    model = CLIPWithAdapter(
         vision=build_vision_tower(cfg.vision, cfg.embed_dim),
         adapter=LLMAdapter(cfg.adapter, cfg.embed_dim),
         logit_scale_init=cfg.logit_scale_init,
         logit_scale_max=cfg.logit_scale_max,
+        logit_bias_init=cfg.logit_bias_init,
     )
+    # ProCLIP stage 2 warm starts (see llm2clip_scale.models.warm_start); both default to None (LLM2CLIP).
+    if cfg.adapter_init or cfg.vision_head_init:
+        from llm2clip_scale.models.warm_start import load_adapter, load_vision_head
+
+        if cfg.adapter_init:
+            load_adapter(model.adapter, cfg.adapter_init)
+        if cfg.vision_head_init:
+            load_vision_head(model.vision.head, cfg.vision_head_init)
+    return model

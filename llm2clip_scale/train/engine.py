@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llm2clip_scale.config.schema import Config
+from llm2clip_scale.kernels import build_optimizer
 from llm2clip_scale.models.vision.param_groups import build_param_groups
 from llm2clip_scale.train.schedule import warmup_cosine
 
@@ -31,10 +32,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
 
 
-def build_engine(model: nn.Module, cfg: Config, world_size: int) -> deepspeed.DeepSpeedEngine:
-    optimizer = torch.optim.AdamW(
+def build_engine(
+    model: nn.Module, cfg: Config, world_size: int, device: torch.device
+) -> deepspeed.DeepSpeedEngine:
+    # On the device first: the kernel registry hands out a fused AdamW only for parameters already on CUDA.
+    model.to(device)
+    optimizer = build_optimizer(
         build_param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.model.vision.layer_decay),
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
     )
     schedule = functools.partial(
         warmup_cosine, total_steps=cfg.train.steps, warmup_steps=cfg.train.warmup_steps,

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,11 +24,13 @@ from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
 from llm2clip_scale.distributed.collectives import all_gather_rows
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
 from llm2clip_scale.eval.retrieval import retrieval_recall
-from llm2clip_scale.losses.contrastive import clip_loss
+from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
+from llm2clip_scale.losses.proclip import self_distillation_loss
 from llm2clip_scale.metrics.logger import MetricLogger
 from llm2clip_scale.models.clip import build_clip_model
 from llm2clip_scale.models.llm.group_embed import embed_local_batch
 from llm2clip_scale.models.llm.tower import build_text_tower
+from llm2clip_scale.train.ema import EMATeacher
 from llm2clip_scale.train.engine import build_engine
 
 log = logging.getLogger("llm2clip_scale.train")
@@ -44,31 +47,64 @@ def _check_tokenizer_fits(cfg: Config) -> None:
         )
 
 
-class Stage2Step:
-    """One micro-batch forward/backward: the composition of towers, loss and engine."""
+@dataclass
+class Features:
+    image: torch.Tensor
+    text: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
 
-    def __init__(self, engine, text_tower: torch.nn.Module, topo: Topology, dtype: torch.dtype) -> None:
+
+class Stage2Step:
+    """One micro-batch forward/backward: the composition of towers, loss and engine.
+
+    Text comes either from the frozen LLM (online: the TP group embeds its ranks' captions once) or from the batch
+    (offline: ``llm_embeddings`` read from sidecar shards, no LLM in the loop).
+    """
+
+    def __init__(
+        self,
+        engine,
+        text_tower: torch.nn.Module | None,
+        topo: Topology,
+        dtype: torch.dtype,
+        loss_fn: ContrastiveLoss,
+        teacher: EMATeacher | None = None,
+        self_distill_weight: float = 0.0,
+    ) -> None:
         self.engine = engine
         self.text_tower = text_tower
         self.topo = topo
         self.dtype = dtype
+        self.loss_fn = loss_fn
+        self.teacher = teacher
+        self.self_distill_weight = self_distill_weight
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
-    def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def llm_embeddings(self, batch: dict) -> torch.Tensor:
         device = self.topo.device
-        llm_embeddings = embed_local_batch(
+        if "llm_embeddings" in batch:
+            return batch["llm_embeddings"].to(device)
+        return embed_local_batch(
             self.text_tower, batch["input_ids"].to(device), batch["attention_mask"].to(device), self.tp_group
         )
-        images = batch["images"].to(device, self.dtype)
-        image_features, text_features, scale = self.engine(images, llm_embeddings.to(self.dtype))
+
+    def features(self, batch: dict) -> Features:
+        images = batch["images"].to(self.topo.device, self.dtype)
+        image, text, scale, bias = self.engine(images, self.llm_embeddings(batch).to(self.dtype))
         # The loss runs in fp32 whatever the tower precision: bf16 logits at scale 100 lose the ranking.
-        return image_features.float(), text_features.float(), scale.float()
+        return Features(image.float(), text.float(), scale.float(), None if bias is None else bias.float())
 
     def __call__(self, batch: dict) -> float:
-        image_features, text_features, scale = self.features(batch)
-        loss = clip_loss(image_features, text_features, scale)
+        features = self.features(batch)
+        loss = self.loss_fn(features.image, features.text, features.scale, features.bias)
+        if self.teacher is not None:
+            teacher_features = self.teacher(batch["images"].to(self.topo.device))
+            loss = loss + self.self_distill_weight * self_distillation_loss(features.image, teacher_features)
         self.engine.backward(loss)
         self.engine.step()
+        if self.teacher is not None and self.engine.is_gradient_accumulation_boundary():
+            self.teacher.update(self.engine.module.vision)
         return loss.item()
 
 
@@ -82,9 +118,9 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
     )
     images, texts, indices = [], [], []
     for batch in loader:
-        image_features, text_features, _ = step_fn.features(batch)
-        images.append(image_features)
-        texts.append(text_features)
+        features = step_fn.features(batch)
+        images.append(features.image)
+        texts.append(features.text)
         indices.append(batch["index"].to(topo.device))
     step_fn.engine.train()
     all_images, _ = all_gather_rows(torch.cat(images))
@@ -104,9 +140,14 @@ def train_stage2(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
-    text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device)
-    engine = build_engine(build_clip_model(cfg.model), cfg, topo.world_size)
-    step_fn = Stage2Step(engine, text_tower, topo, dtype)
+    online = cfg.data.train_embedding_shards is None
+    text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if online else None
+    model = build_clip_model(cfg.model)
+    # The teacher starts from the pretrained image encoder, before DeepSpeed casts or shards anything.
+    teacher = EMATeacher(model.vision, cfg.train.ema_momentum) if cfg.train.self_distill_weight > 0 else None
+    engine = build_engine(model, cfg, topo.world_size, topo.device)
+    loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
+    step_fn = Stage2Step(engine, text_tower, topo, dtype, loss_fn, teacher, cfg.train.self_distill_weight)
     loader = iter(build_train_loader(
         cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
         topo.world_size, cfg.train.seed, cfg.data.max_text_len,
