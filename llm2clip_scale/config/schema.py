@@ -53,7 +53,8 @@ class LLMConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
-    # Prepended to stage-1 query captions and excluded from mean pooling (data/prompts.py); "" for none.
+    # Prepended to stage-1 query captions and excluded from mean pooling (data/prompts.py); "" for none, "auto" for
+    # one chosen by the pair's direction (short -> detailed caption or back, data/prompts.instruction_for).
     instruction: str = ""
 
 
@@ -182,9 +183,6 @@ class Stage1Config:
     random_direction: bool = True  # which caption of a pair queries is random per pair (else fields order)
     hard_negatives: bool = True  # one mined hard negative per pair (a caption of another image)
     negative_window: int = 16  # pairs around a pair that its hard negative is mined from
-    # Query instruction: "auto" picks one by the pair's direction (data/prompts.py); otherwise model.llm.instruction
-    # is used for every query ("" = none).
-    instruction: str = "auto"
     # Caption-retrieval accuracy (CRA) split: caption eval_fields[0] of each image queries all eval_fields[1]s.
     eval_pairs: str | None = None  # shards or pair files; None = no CRA
     eval_fields: list[str] = field(default_factory=lambda: ["short", "long"])

@@ -4,15 +4,20 @@ megatron-core's models assume CUDA in a few spots (measured in notes/CPU_STACK.m
 ``torch.cuda`` generator states, about 175 call sites ask ``torch.cuda.current_device()`` where to allocate, and
 checkpointing/schedules call ``torch.cuda.synchronize``. We monkeypatch those few entry points instead of editing
 megatron's source. The hard-coded ``device="cuda"`` default causal mask is avoided rather than patched: the LLM
-tower always passes an explicit boolean mask, so no TorchFunctionMode rewriting tensor factories is needed here.
+tower always passes an explicit boolean mask. The pipeline schedules allocate their token counter with a
+hard-coded ``device="cuda"`` (schedules.py ~596/983/2138); only while a schedule runs, a TorchFunctionMode maps
+that device to the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
 
@@ -67,11 +72,40 @@ def _make_cpu_tracker_class(base: type, default_name: str) -> type:
     return CpuRNGStatesTracker
 
 
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Rewrites an explicit ``device="cuda"`` (or cuda:N) argument of any torch call to the CPU."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        return func(*args, **kwargs)
+
+
+def _on_cpu_devices(schedule: Callable) -> Callable:
+    @functools.wraps(schedule)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _CudaDeviceToCpu():
+            return schedule(*args, **kwargs)
+
+    return run
+
+
+# The schedule functions get_forward_backward_func() hands out (it reads these module globals at call time).
+PIPELINE_SCHEDULES = (
+    "forward_backward_no_pipelining",
+    "forward_backward_pipelining_with_interleaving",
+    "forward_backward_pipelining_without_interleaving",
+)
+
+
 def enable_cpu_compat() -> None:
     """Patch torch.cuda / megatron entry points so megatron-core models run on CPU. Idempotent; no-op with CUDA."""
     global _ENABLED
     if _ENABLED or torch.cuda.is_available():
         return
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
 
     # Allocation sites (RoPE inv_freq, GlobalMemoryBuffer, dist_checkpointing) ask current_device() where to go.
@@ -88,4 +122,7 @@ def enable_cpu_compat() -> None:
     mrandom._set_cuda_rng_state = lambda state, *_a, **_k: torch.set_rng_state(state)
     # A tracker created before the swap would still be the CUDA one.
     mrandom.initialize_rng_tracker(force_reset=True)
+    # Scoped to the schedule call, so model code outside a schedule keeps plain torch semantics.
+    for name in PIPELINE_SCHEDULES:
+        setattr(schedules, name, _on_cpu_devices(getattr(schedules, name)))
     _ENABLED = True

@@ -4,7 +4,9 @@ It composes megatron's vocab-parallel LanguageModelEmbedding, RotaryEmbedding an
 using GPTModel: an embedder has no use for the LM head, which alone is 0.5B parameters for Llama-3-8B.
 Tensor parallelism comes from megatron's TP group (set up by ``build_topology``). Pipeline stages are expressed
 the way GPTModel does it (``pre_process`` owns the embedding, ``post_process`` the final norm and pooling, and
-``set_input_tensor`` feeds middle stages) so PP can be switched on later; today only PP=1 is exercised.
+``set_input_tensor`` feeds later stages); ``group_embed.embed_local_batch`` drives them with megatron's pipeline
+schedule. Weights come from a HuggingFace checkpoint or a seeded source keyed by tensor name (``hf_import``), so
+every TP/PP layout of one config computes the same function.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    get_cuda_rng_tracker,
+    model_parallel_cuda_manual_seed,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -28,8 +37,11 @@ from torch import Tensor
 from llm2clip_scale.config.schema import LLMConfig
 
 
-def llm_transformer_config(cfg: LLMConfig, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """megatron TransformerConfig of a Llama-family model (RMSNorm, SwiGLU, RoPE, GQA, no biases, no dropout)."""
+def llm_transformer_config(
+    cfg: LLMConfig, params_dtype: torch.dtype = torch.float32, perform_initialization: bool = True
+) -> TransformerConfig:
+    """megatron TransformerConfig of a Llama-family model (RMSNorm, SwiGLU, RoPE, GQA, no dropout; q/k/v biases
+    only with ``cfg.qkv_bias``, as in Qwen2)."""
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -43,16 +55,17 @@ def llm_transformer_config(cfg: LLMConfig, params_dtype: torch.dtype = torch.flo
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=cfg.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        # Master weights are drawn whole on CPU from one seeded stream and sliced per TP rank, so every TP size
-        # builds the same function; the on-device path seeds each TP rank differently.
+        # Parameters are allocated on the host and moved once built. With megatron's own init (perform_initialization)
+        # master weights are then drawn whole and sliced per TP rank; the on-device path seeds TP ranks differently.
         use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
         # The fused kernels below need apex / TE / CUDA extensions, which are optional GPU-only extras.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -73,6 +86,27 @@ def _layer_spec() -> ModuleSpec:
         attention, params={**attention.params, "attn_mask_type": AttnMaskType.padding}
     )
     return spec
+
+
+def _mark_tensor_parallel_weights(model: torch.nn.Module, gated_mlp: bool) -> None:
+    """Set megatron's TP attributes (tensor_model_parallel, partition_dim, partition_stride) on sharded weights.
+
+    megatron sets them inside its init functions only, so with perform_initialization=False the weights of
+    vocab-parallel embeddings and parallel linears would look replicated to grad clipping, optimizers and
+    checkpoint code. Strides mirror what megatron's init would set: 2 for the gated fc1 ([gate, up] per rank).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, VocabParallelEmbedding):
+            dim, stride = 0, 1
+        elif isinstance(module, ColumnParallelLinear):
+            dim, stride = 0, 2 if gated_mlp and name.endswith("linear_fc1") else 1
+        elif isinstance(module, RowParallelLinear):
+            dim, stride = 1, 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, stride)
 
 
 class LLMTextEncoder(MegatronModule):
@@ -107,6 +141,12 @@ class LLMTextEncoder(MegatronModule):
             rotary_base=cfg.rotary_base,
             use_cpu_initialization=config.use_cpu_initialization,
         )
+        if cfg.rope_scaling:
+            # Llama-3.1/3.2 rescale RoPE's low-frequency bands; megatron's helper implements HF's "llama3" formula
+            # but its constructor only exposes the factor, so the other band parameters are applied here.
+            self.rotary_pos_emb.inv_freq = self.rotary_pos_emb._apply_scaling(
+                self.rotary_pos_emb.inv_freq, **{k: float(v) for k, v in cfg.rope_scaling.items()}
+            )
         self.decoder = TransformerBlock(
             config=config,
             spec=_layer_spec(),
@@ -114,6 +154,8 @@ class LLMTextEncoder(MegatronModule):
             pre_process=pre_process,
             post_process=post_process,
         )
+        if not config.perform_initialization:
+            _mark_tensor_parallel_weights(self, config.gated_linear_unit)
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
         """Pipeline hook: a non-first stage receives the previous stage's hidden states here."""
@@ -135,12 +177,20 @@ class LLMTextEncoder(MegatronModule):
             masked = masked | future
         return masked.expand(-1, 1, length, length)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pool_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pool_mask: Tensor | None = None,
+        return_hidden_states: bool = False,
+    ) -> Tensor:
         """Embed right-padded captions.
 
         ``pool_mask`` (b, L), defaulting to ``attention_mask``, selects which tokens are averaged; LLM2CLIP
         excludes instruction tokens from the mean while still letting captions attend to them. Returns
         (b, hidden) float32 on the last pipeline stage, and the stage's (L, b, hidden) activations elsewhere.
+        ``return_hidden_states`` makes the last stage return the final-norm token states (b, L, hidden) instead
+        of pooling them (MNTP heads, checkpoint verification against HF).
         """
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"expected input_ids and attention_mask of one (b, L) shape, got "
@@ -155,6 +205,8 @@ class LLMTextEncoder(MegatronModule):
         hidden = self.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary_pos_emb)
         if not self.post_process:
             return hidden
+        if return_hidden_states:
+            return hidden.transpose(0, 1)
         weights = (attention_mask if pool_mask is None else pool_mask).to(torch.float32)
         weights = weights.transpose(0, 1).unsqueeze(-1)  # (L, b, 1), megatron is sequence-first
         summed = (hidden.float() * weights).sum(dim=0)
@@ -173,14 +225,17 @@ def build_text_tower(
     trainable: bool = False,
     device: torch.device | str | None = None,
 ) -> LLMTextEncoder:
-    """Build this rank's TP/PP shard of the tower with weights drawn from ``cfg.seed``.
+    """Build this rank's TP/PP shard of the tower: weights from ``cfg.hf_checkpoint`` or drawn from ``cfg.seed``.
 
-    Requires megatron parallel_state (``build_topology``). The weights do not depend on the TP size: each
-    parallel weight is drawn whole from a CPU generator seeded with ``cfg.seed`` and sliced (megatron's
-    master-weight init), so TP=1 and TP=2 shards are pieces of the same matrices. The caller's global RNG state is
-    left untouched. ``trainable=False`` (stage 2) returns a frozen tower in eval mode.
+    Requires megatron parallel_state (``build_topology``). megatron's own initialisation is skipped (it would draw
+    every master weight only to be overwritten): parameters are allocated empty and filled one at a time by
+    ``hf_import``, either streamed from the checkpoint (only this rank's slices are read) or drawn from generators
+    seeded by (cfg.seed, HF tensor name). Either way the weights do not depend on the TP or PP layout, so TP=2 and
+    PP=2 shards are pieces of the TP=1 model. The caller's global RNG state is left untouched. ``trainable=False``
+    (stage 2) returns a frozen tower in eval mode.
     """
     from llm2clip_scale.distributed.cpu_compat import enable_cpu_compat
+    from llm2clip_scale.models.llm.hf_import import init_seeded, load_hf_checkpoint
 
     enable_cpu_compat()  # inert when CUDA is present
     if device is None:
@@ -189,15 +244,17 @@ def build_text_tower(
     # the training loop already did.
     if not get_cuda_rng_tracker().is_initialized():
         model_parallel_cuda_manual_seed(cfg.seed)
-    config = llm_transformer_config(cfg, params_dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        tower = LLMTextEncoder(
-            cfg,
-            config,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-        )
+    config = llm_transformer_config(cfg, params_dtype, perform_initialization=False)
+    tower = LLMTextEncoder(
+        cfg,
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if cfg.hf_checkpoint:
+        load_hf_checkpoint(tower, cfg.hf_checkpoint)
+    else:
+        init_seeded(tower)
     tower = tower.to(device)
     if not trainable:
         tower.freeze()
