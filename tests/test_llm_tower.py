@@ -166,3 +166,15 @@ def test_cpu_compat_is_inert_when_cuda_is_available(monkeypatch: pytest.MonkeyPa
     cpu_compat.enable_cpu_compat()
     assert {(mod.__name__, name): getattr(mod, name) for mod, name in watched} == before
     assert cpu_compat.is_enabled() == was_enabled
+
+
+def test_layer_spec_choice_follows_the_kernel_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from llm2clip_scale.models.llm import tower
+
+    monkeypatch.setattr(tower, "megatron_layer_spec_name", lambda: "local")
+    spec = tower._layer_spec("auto")
+    assert spec.submodules.self_attention.params["attn_mask_type"] == AttnMaskType.padding
+    with pytest.raises(ValueError, match="model.llm.layer_spec: 'fused' unknown"):
+        tower._layer_spec("fused")

@@ -45,6 +45,8 @@ class LLMConfig:
     rope_scaling: dict[str, float] = field(default_factory=dict)
     qkv_bias: bool = False  # Qwen2-family checkpoints have biases on q/k/v
     bidirectional: bool = True
+    # auto: Transformer Engine layers when the kernel registry finds TE on a GPU, else megatron's local spec.
+    layer_spec: str = "auto"
     tokenizer: str = ""  # HF tokenizer directory
     hf_checkpoint: str | None = None  # HF Llama-family checkpoint directory to import
     seed: int = 1234  # init seed when no checkpoint is given (tiny CPU configs)

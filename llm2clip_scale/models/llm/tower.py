@@ -35,6 +35,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from llm2clip_scale.config.schema import LLMConfig
+from llm2clip_scale.kernels import megatron_layer_spec_name
 
 
 def llm_transformer_config(
@@ -77,8 +78,21 @@ def llm_transformer_config(
     )
 
 
-def _layer_spec() -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+def _layer_spec(choice: str = "auto") -> ModuleSpec:
+    """The layer spec: Transformer Engine's fused layers when the kernel registry finds TE on a GPU, else local.
+
+    Only the local spec runs on CPU; the TE spec (norms fused into linear_qkv / linear_fc1) is chosen on GPUs.
+    """
+    if choice == "auto":
+        choice = megatron_layer_spec_name()
+    if choice == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    elif choice == "local":
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    else:
+        raise ValueError(f"model.llm.layer_spec: {choice!r} unknown; use auto, local or transformer_engine")
     attention = spec.submodules.self_attention
     # "padding" makes the softmax always honour our explicit mask; with "causal" megatron's fused CUDA kernel would
     # apply its own triangle and ignore the mask, i.e. attend to padding and never be bidirectional.
@@ -149,7 +163,7 @@ class LLMTextEncoder(MegatronModule):
             )
         self.decoder = TransformerBlock(
             config=config,
-            spec=_layer_spec(),
+            spec=_layer_spec(cfg.layer_spec),
             post_layer_norm=True,
             pre_process=pre_process,
             post_process=post_process,
