@@ -146,8 +146,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.tensor_parallel: {par.tensor_parallel} must divide model.llm.num_attention_heads "
             f"({llm.num_attention_heads}) and num_query_groups ({llm.num_query_groups})"
         )
+    offline_train = data.train_embedding_shards is not None
+    needs_tokenizer = not offline_train or (bool(data.eval_shards) and data.eval_embedding_shards is None)
     if not llm.tokenizer:
-        problems.append("model.llm.tokenizer: empty; point it at a HuggingFace tokenizer directory")
+        if needs_tokenizer:
+            problems.append("model.llm.tokenizer: empty; point it at a HuggingFace tokenizer directory (online mode)")
     elif not Path(llm.tokenizer).is_dir():
         problems.append(f"model.llm.tokenizer: {llm.tokenizer} is not a directory; create it or fix the path")
     if llm.hf_checkpoint is not None and not Path(llm.hf_checkpoint).is_dir():
@@ -192,6 +195,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         missing = [u for u in expand_shards(data.eval_shards) if not Path(u).is_file()]
         if missing:
             problems.append(f"data.eval_shards: {len(missing)} shard(s) missing, first {missing[0]}")
+    for name in ("train_embedding_shards", "eval_embedding_shards"):
+        pattern = getattr(data, name)
+        if pattern is not None:
+            missing = [u for u in expand_shards(pattern) if not Path(u).is_file()]
+            if missing or not expand_shards(pattern):
+                problems.append(
+                    f"data.{name}: {len(missing)} sidecar shard(s) missing, first {missing[:1] or [pattern]}; "
+                    "write them with data_prep/embed_captions.py"
+                )
     if not data.caption_fields or any(w < 0 for w in data.caption_fields.values()) or not any(
         w > 0 for w in data.caption_fields.values()
     ):
@@ -226,7 +238,8 @@ def _stage1_problems(cfg: Config) -> list[str]:
     if s1.eval_pairs:
         missing = [u for u in expand_shards(s1.eval_pairs) if not Path(u).is_file()]
         if missing or not expand_shards(s1.eval_pairs):
-            problems.append(f"stage1.eval_pairs: {len(missing)} file(s) missing, first {missing[:1] or [s1.eval_pairs]}")
+            first = missing[:1] or [s1.eval_pairs]
+            problems.append(f"stage1.eval_pairs: {len(missing)} file(s) missing, first {first}")
     if s1.eval_interval < 0:
         problems.append("stage1.eval_interval: must be >= 0")
     if s1.mntp_steps < 0:

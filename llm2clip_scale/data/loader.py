@@ -1,6 +1,12 @@
 """Webdataset loaders for image–caption shards: a resampled training stream and an exact, rank-partitioned eval stream.
 
-The loader knows nothing of models: it takes shard patterns, a tokenizer directory and sizes.
+The loader knows nothing of models: it takes shard patterns, a tokenizer directory and sizes. Two text modes:
+
+- online (default): captions are tokenised in the workers; batches carry ``input_ids``/``attention_mask``.
+- offline (``data.train_embedding_shards`` / ``data.eval_embedding_shards`` set): every image shard is read with
+  its sidecar shard of precomputed LLM embeddings (:mod:`llm2clip_scale.data.sidecar`), joined by key; batches
+  carry ``llm_embeddings`` float32 (b, d) instead, and no tokenizer is needed. The caption field is drawn exactly as
+  online (same weights, same RNG stream), so one seed picks the same fields in both modes.
 
 Bad data never stops a run. Samples are skipped and counted by reason:
 
@@ -9,22 +15,22 @@ Bad data never stops a run. Samples are skipped and counted by reason:
 - ``missing_image``: no jpg/jpeg/png/webp member.  ``bad_image``: image bytes that PIL cannot decode.
 - ``bad_json``: a json member that does not parse to an object.
 - ``missing_caption``: no json, or none of the wanted caption fields holds a non-empty string.
+- offline only: ``missing_embedding``, ``wrong_embedding_dim``, ``bad_embedding``, ``sidecar_read_error`` (see
+  :mod:`llm2clip_scale.data.sidecar`).
 
 DataLoader workers are separate processes, so each worker keeps cumulative counts and stamps a snapshot on every batch
 it makes; the main process keeps the latest snapshot per worker and reports the exact sum as ``batch["skipped"]``.
+Shard reading, shard lists and skip counting live in :mod:`llm2clip_scale.data.shards` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import PurePosixPath
 
 import torch
 import webdataset as wds
@@ -32,144 +38,41 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from webdataset.tariterators import base_plus_ext
 
-from llm2clip_scale.config.load import expand_shards
 from llm2clip_scale.config.schema import DataConfig
+from llm2clip_scale.data.shards import (
+    MAX_CONSECUTIVE_SKIPS,
+    SKIPPED_KEY,
+    WORKER_KEY,
+    SkipCounter,
+    SkipTally,
+    caption_of,
+    paired_shard_list,
+    parse_meta,
+    rank_shards,
+    read_shard,
+    read_shards,
+)
+from llm2clip_scale.data.sidecar import EmbeddingDecoder, read_paired_shards
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_CONSECUTIVE_SKIPS",
+    "EvalLoader",
+    "SkipCounter",
+    "SkipTally",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "load_tokenizer",
+    "read_shard",
+    "read_shards",
+]
 
 logger = logging.getLogger("llm2clip_scale.data")
 # transformers is imported at module level on purpose: forked DataLoader workers inherit it instead of paying ~1 s.
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-_PER_PROCESS_WARNINGS = 3  # per-sample warnings each process may log before it falls silent
-_WORKER_KEY = "__worker__"
-_SKIPPED_KEY = "__skipped__"
-# An infinite resampled stream in which nothing is usable (a misspelt caption field, all shards missing) would spin
-# silently forever; this many skips in a row without one good sample stops the run with a message instead.
-MAX_CONSECUTIVE_SKIPS = 1000
-
-
-# ----------------------------------------------------------------------------------------------------------- counting
-
-
-class SkipCounter:
-    """Cumulative skip counts of one process (a DataLoader worker, or the main process when num_workers=0)."""
-
-    def __init__(self, label: str, max_consecutive: int | None = None) -> None:
-        self.label = label
-        self.counts: dict[str, int] = {}
-        self._max_consecutive = max_consecutive
-        self._streak = 0
-
-    def good(self) -> None:
-        self._streak = 0
-
-    def add(self, reason: str, where: str, error: object = None) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        self._streak += 1
-        if self._max_consecutive is not None and self._streak >= self._max_consecutive:
-            raise RuntimeError(
-                f"{self.label}: the last {self._streak} samples/shards were all unusable (totals {self.counts}); "
-                "check data.train_shards and that data.caption_fields names fields present in the sample json"
-            )
-        total = sum(self.counts.values())
-        if total <= _PER_PROCESS_WARNINGS:
-            detail = f": {error}" if error is not None else ""
-            logger.warning("%s: skipped %s (%s)%s", self.label, where, reason, detail)
-            if total == _PER_PROCESS_WARNINGS:
-                logger.warning("%s: further skips are reported only in aggregate", self.label)
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-class SkipTally:
-    """Main-process totals over all workers, rebuilt from the cumulative snapshots that batches carry."""
-
-    def __init__(self, label: str, report_growth: bool = True) -> None:
-        self.label = label
-        self._per_worker: dict[int, dict[str, int]] = {}
-        self._report_growth = report_growth
-        self._next_report = 1
-
-    def absorb(self, batch: dict) -> dict:
-        """Strip the per-worker bookkeeping from ``batch`` and set ``batch["skipped"]`` to the exact totals."""
-        seen = self._per_worker.setdefault(int(batch.pop(_WORKER_KEY)), {})
-        for reason, count in batch.pop(_SKIPPED_KEY).items():
-            seen[reason] = max(seen.get(reason, 0), count)  # snapshots are cumulative; max is order-proof
-        totals = self.totals()
-        batch["skipped"] = totals
-        self._maybe_report(totals)
-        return batch
-
-    def totals(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for counts in self._per_worker.values():
-            for reason, count in counts.items():
-                out[reason] = out.get(reason, 0) + count
-        return out
-
-    def _maybe_report(self, totals: dict[str, int]) -> None:
-        # One line each time the total doubles: a steady trickle of bad samples costs O(log n) log lines.
-        total = sum(totals.values())
-        if not self._report_growth or total < self._next_report:
-            return
-        logger.warning("%s: %d samples skipped so far %s", self.label, total, totals)
-        while self._next_report <= total:
-            self._next_report *= 2
-
-
-# ------------------------------------------------------------------------------------------------------ shard reading
-
-
-def read_shards(sources: Iterable[dict], skips: SkipCounter) -> Iterator[dict]:
-    """Pipeline stage: ``{"url": ...}`` dicts → samples ``{"__key__", "__url__", ext: bytes}``."""
-    for source in sources:
-        yield from _read_shard(source["url"], skips)
-
-
-def _is_metadata(name: str) -> bool:
-    base = PurePosixPath(name).name
-    return base.startswith("__") and base.endswith("__")
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """Treat a missing end-of-archive marker as damage: tarfile ends a stream silently at a short or absent header,
-    so a shard cut at (or inside) a header block would otherwise look complete."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as err:
-            raise tarfile.SubsequentHeaderError(f"no end-of-archive marker ({err})") from None
-
-
-def _read_shard(url: str, skips: SkipCounter) -> Iterator[dict]:
-    # Our own grouping instead of wds.tarfile_to_samples: under an error handler that one passes on the half-read
-    # sample of a truncated shard and misses a cut at a header, so skip counts would depend on where damage fell.
-    sample: dict | None = None
-    try:
-        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
-            for member in tar:
-                key, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
-                if key is None or _is_metadata(member.name):
-                    continue
-                payload = tar.extractfile(member).read()
-                if len(payload) != member.size:  # stream-mode tarfile returns a short read at EOF, silently
-                    raise tarfile.ReadError(f"{member.name}: truncated, {len(payload)} of {member.size} bytes")
-                if sample is not None and sample["__key__"] != key:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext.lower()] = payload
-    except Exception as err:  # noqa: BLE001 - damaged streams raise TarError, OSError, zlib.error, even TypeError
-        # Only reading can land here: consumer errors never enter a suspended generator (close() is BaseException).
-        skips.add("read_error", url, err)
-        return
-    if sample is not None:
-        yield sample
 
 
 # ------------------------------------------------------------------------------------------------ sample decoding
@@ -182,26 +85,20 @@ class _Example:
     caption: str
     field: str
     index: int = -1  # global eval index; -1 in training
+    embedding: torch.Tensor | None = None  # offline mode: the sidecar vector of ``field``
 
 
 def _caption_options(sample: dict, weights: dict[str, float], skips: SkipCounter) -> list[tuple[str, str, float]]:
     """(field, caption, weight) for every wanted field present in the sample; counts the skip when there is none."""
     key = sample["__key__"]
-    if "json" not in sample:
-        skips.add("missing_caption", key)
-        return []
-    try:
-        meta = json.loads(sample["json"])
-    except (ValueError, UnicodeDecodeError) as err:
-        skips.add("bad_json", key, err)
-        return []
-    if not isinstance(meta, dict):
-        skips.add("bad_json", key, f"json is a {type(meta).__name__}, not an object")
+    meta, reason, detail = parse_meta(sample)
+    if meta is None:
+        skips.add(reason, key, detail)
         return []
     options = [
-        (name, meta[name].strip(), weight)
+        (name, caption, weight)
         for name, weight in weights.items()
-        if weight > 0 and isinstance(meta.get(name), str) and meta[name].strip()
+        if weight > 0 and (caption := caption_of(meta, name)) is not None
     ]
     if not options:
         skips.add("missing_caption", key)
@@ -265,6 +162,7 @@ def _train_examples(
     transform: _ImageTransform,
     rng: random.Random,
     skips: SkipCounter,
+    embeddings: EmbeddingDecoder | None = None,
 ) -> Iterator[_Example]:
     for sample in samples:
         # Captions first: they are cheap to check and save decoding images we would drop anyway.
@@ -274,9 +172,15 @@ def _train_examples(
         image = _decode_image(sample, skips)
         if image is None:
             continue
-        skips.good()
+        # The field is drawn before its embedding is checked, so online and offline streams draw identically.
         name, caption = _pick_caption(options, rng)
-        yield _Example(key=sample["__key__"], image=transform(image), caption=caption, field=name)
+        embedding = None
+        if embeddings is not None:
+            embedding = embeddings(sample, name, skips)
+            if embedding is None:
+                continue
+        skips.good()
+        yield _Example(key=sample["__key__"], image=transform(image), caption=caption, field=name, embedding=embedding)
 
 
 def _eval_examples(
@@ -287,14 +191,16 @@ def _eval_examples(
     world_size: int,
     transform: _ImageTransform,
     skips: SkipCounter,
+    embeddings: EmbeddingDecoder | None = None,
 ) -> Iterator[_Example]:
     """Every rank reads and validates the same stream, so all agree on the global index of each good sample.
+    In offline mode that validation includes the sidecar vector.
 
     Rank r keeps indices i % world_size == r, but releases its sample only once its round of world_size samples is
     complete: that drops the incomplete last round, truncating N to a multiple of world_size without knowing N first.
     """
     good = 0
-    mine: tuple[int, dict, Image.Image, str] | None = None
+    mine: tuple[int, dict, Image.Image, str, torch.Tensor | None] | None = None
     for sample in samples:
         if limit is not None and good >= limit:
             break
@@ -304,53 +210,64 @@ def _eval_examples(
         image = _decode_image(sample, skips)
         if image is None:
             continue
+        embedding = None
+        if embeddings is not None:
+            embedding = embeddings(sample, field, skips)
+            if embedding is None:
+                continue
         index, good = good, good + 1
         if index % world_size == rank:
-            mine = (index, sample, image, options[0][1])
+            mine = (index, sample, image, options[0][1], embedding)
         if good % world_size == 0 and mine is not None:
-            own_index, own_sample, own_image, caption = mine
-            yield _Example(own_sample["__key__"], transform(own_image), caption, field, own_index)
+            own_index, own_sample, own_image, caption, own_embedding = mine
+            yield _Example(own_sample["__key__"], transform(own_image), caption, field, own_index, own_embedding)
             mine = None
 
 
 # ------------------------------------------------------------------------------------------------------- batching
 
 
-class _Collator:
-    """Examples → batch dict, tokenising with dynamic padding. The tokenizer loads lazily, inside the worker."""
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The caption tokenizer as every text path uses it: right padding, a pad token even for Llama-family ones."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Llama-family tokenizers ship without a pad token; mean pooling reads the attention mask, so any id works.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
-    def __init__(self, tokenizer_path: str, max_text_len: int, worker: int, skips: SkipCounter) -> None:
+
+class _Collator:
+    """Examples → batch dict: tokenised with dynamic padding (online; the tokenizer loads lazily, inside the worker)
+    or with the sidecar vectors stacked (offline, ``tokenizer_path=None``)."""
+
+    def __init__(self, tokenizer_path: str | None, max_text_len: int, worker: int, skips: SkipCounter) -> None:
         self._path = tokenizer_path
         self._max_len = max_text_len
         self._worker = worker
         self._skips = skips
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
-    def _load(self) -> PreTrainedTokenizerBase:
-        tokenizer = AutoTokenizer.from_pretrained(self._path)
-        # Llama-family tokenizers ship without a pad token; mean pooling reads the attention mask, so any id works.
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
-        return tokenizer
-
     def __call__(self, examples: list[_Example]) -> dict:
-        if self._tokenizer is None:
-            self._tokenizer = self._load()
         captions = [e.caption for e in examples]
-        encoded = self._tokenizer(
-            captions, padding="longest", truncation=True, max_length=self._max_len, return_tensors="pt"
-        )
         batch = {
             "images": torch.stack([e.image for e in examples]),
-            "input_ids": encoded["input_ids"].long(),
-            "attention_mask": encoded["attention_mask"].long(),
             "keys": [e.key for e in examples],
             "captions": captions,
             "caption_fields": [e.field for e in examples],
-            _WORKER_KEY: self._worker,
-            _SKIPPED_KEY: self._skips.snapshot(),  # taken now: counts every skip before this batch left the worker
+            WORKER_KEY: self._worker,
+            SKIPPED_KEY: self._skips.snapshot(),  # taken now: counts every skip before this batch left the worker
         }
+        if self._path is None:
+            batch["llm_embeddings"] = torch.stack([e.embedding for e in examples])
+        else:
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self._path)
+            encoded = self._tokenizer(
+                captions, padding="longest", truncation=True, max_length=self._max_len, return_tensors="pt"
+            )
+            batch["input_ids"] = encoded["input_ids"].long()
+            batch["attention_mask"] = encoded["attention_mask"].long()
         if examples[0].index >= 0:
             batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
         return batch
@@ -389,47 +306,71 @@ def _seeded(*parts: object) -> random.Random:
 # ------------------------------------------------------------------------------------------------------- datasets
 
 
+def _with_sidecars(sources: Iterable[dict], sidecars: dict[str, str]) -> Iterator[dict]:
+    """Pipeline stage: attach sidecar i to image shard i (ResampledShards and SimpleShardList yield urls only)."""
+    for source in sources:
+        yield {**source, "sidecar": sidecars[source["url"]]}
+
+
+def _source_stages(shards: list[tuple[str, str | None]], skips: SkipCounter) -> list:
+    """Reader stages after the shard-list stage: plain shards, or image + sidecar shards joined by key."""
+    if shards[0][1] is None:
+        return [partial(read_shards, skips=skips)]
+    sidecars = {image: sidecar for image, sidecar in shards}
+    return [partial(_with_sidecars, sidecars=sidecars), partial(read_paired_shards, skips=skips)]
+
+
 class _TrainStream(IterableDataset):
     """One rank's infinite stream of training batches; built fresh in each worker so seeds see the worker id."""
 
     def __init__(
         self,
-        urls: list[str],
+        shards: list[tuple[str, str | None]],
         data_cfg: DataConfig,
-        tokenizer_path: str,
+        tokenizer_path: str | None,
         image_size: int,
         micro_batch: int,
         rank: int,
         seed: int,
         max_text_len: int,
+        embedding_dim: int | None,
     ) -> None:
         super().__init__()
-        self.urls, self.cfg, self.tokenizer_path = urls, data_cfg, tokenizer_path
+        self.shards, self.cfg, self.tokenizer_path = shards, data_cfg, tokenizer_path
         self.image_size, self.micro_batch, self.rank, self.seed = image_size, micro_batch, rank, seed
-        self.max_text_len = max_text_len
+        self.max_text_len, self.embedding_dim = max_text_len, embedding_dim
+        self.offline = shards[0][1] is not None
         self.pass_index = 0  # which iter() of the TrainLoader this is; part of every seed
 
     def __iter__(self) -> Iterator[dict]:
         worker = _worker_id()
-        skips = SkipCounter(f"train data rank {self.rank} worker {worker}", MAX_CONSECUTIVE_SKIPS)
+        label = f"train data rank {self.rank} worker {worker}"
+        skips = SkipCounter(label, MAX_CONSECUTIVE_SKIPS)
         stream = (self.seed, self.rank, worker, self.pass_index)
         shard_seed = _seeded("shards", *stream).getrandbits(62)
         cfg = self.cfg
+        urls = [image for image, _ in self.shards]
         stages: list = [
-            wds.ResampledShards(self.urls, seed=self.seed, worker_seed=lambda: shard_seed, deterministic=True),
-            partial(read_shards, skips=skips),
+            wds.ResampledShards(urls, seed=self.seed, worker_seed=lambda: shard_seed, deterministic=True),
+            *_source_stages(self.shards, skips),
         ]
         if cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(cfg.shuffle_buffer, rng=_seeded("shuffle", *stream)))
         rng = _seeded("augment", *stream)
         transform = _ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, rng)
         captions_rng = _seeded("captions", *stream)
+        embeddings = EmbeddingDecoder(self.embedding_dim, label) if self.offline else None
         stages.append(
             partial(
-                _train_examples, weights=dict(cfg.caption_fields), transform=transform, rng=captions_rng, skips=skips
+                _train_examples,
+                weights=dict(cfg.caption_fields),
+                transform=transform,
+                rng=captions_rng,
+                skips=skips,
+                embeddings=embeddings,
             )
         )
-        collate = _Collator(self.tokenizer_path, self.max_text_len, worker, skips)
+        collate = _Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker, skips)
         stages.append(partial(_batched, batch_size=self.micro_batch, collate=collate, keep_partial=False))
         return iter(wds.DataPipeline(*stages))
 
@@ -439,9 +380,9 @@ class _EvalStream(IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        shards: list[tuple[str, str | None]],
         data_cfg: DataConfig,
-        tokenizer_path: str,
+        tokenizer_path: str | None,
         image_size: int,
         batch_size: int,
         rank: int,
@@ -449,19 +390,23 @@ class _EvalStream(IterableDataset):
         max_samples: int | None,
         max_text_len: int,
         field: str,
+        embedding_dim: int | None,
     ) -> None:
         super().__init__()
-        self.urls, self.cfg, self.tokenizer_path = urls, data_cfg, tokenizer_path
+        self.shards, self.cfg, self.tokenizer_path = shards, data_cfg, tokenizer_path
         self.image_size, self.batch_size, self.rank, self.world_size = image_size, batch_size, rank, world_size
         self.max_samples, self.max_text_len, self.field = max_samples, max_text_len, field
+        self.embedding_dim = embedding_dim
+        self.offline = shards[0][1] is not None
 
     def __iter__(self) -> Iterator[dict]:
-        skips = SkipCounter(f"eval data rank {self.rank}")
+        label = f"eval data rank {self.rank}"
+        skips = SkipCounter(label)
         transform = _ImageTransform(self.image_size, self.cfg.image_mean, self.cfg.image_std, "none", None)
-        collate = _Collator(self.tokenizer_path, self.max_text_len, _worker_id(), skips)
+        collate = _Collator(None if self.offline else self.tokenizer_path, self.max_text_len, _worker_id(), skips)
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            partial(read_shards, skips=skips),
+            wds.SimpleShardList([image for image, _ in self.shards]),
+            *_source_stages(self.shards, skips),
             partial(
                 _eval_examples,
                 field=self.field,
@@ -470,6 +415,7 @@ class _EvalStream(IterableDataset):
                 world_size=self.world_size,
                 transform=transform,
                 skips=skips,
+                embeddings=EmbeddingDecoder(self.embedding_dim, label) if self.offline else None,
             ),
             partial(_batched, batch_size=self.batch_size, collate=collate, keep_partial=True),
         )
@@ -485,8 +431,9 @@ class TrainLoader:
     A fresh loader with the same (seed, rank, num_workers) yields the same batches; each further ``iter()`` of one
     loader starts new workers on a new deterministic stream (seeds include the pass number), never a replay.
 
-    Batch keys: ``images`` float32 (b,3,H,W), ``input_ids`` and ``attention_mask`` long (b,L), ``keys``,
-    ``captions``, ``caption_fields`` (lists of str) and ``skipped`` (cumulative counts by reason over all workers).
+    Batch keys: ``images`` float32 (b,3,H,W), ``input_ids`` and ``attention_mask`` long (b,L) (online) or
+    ``llm_embeddings`` float32 (b,d) (offline), ``keys``, ``captions``, ``caption_fields`` (lists of str) and
+    ``skipped`` (cumulative counts by reason over all workers).
     """
 
     def __init__(self, dataset: _TrainStream, num_workers: int, label: str) -> None:
@@ -547,30 +494,34 @@ def _check_common(rank: int, world_size: int, batch: int, max_text_len: int, ima
         raise ValueError(f"data loader: batch ({batch}), max_text_len ({max_text_len}) and image_size must be >= 1/2/1")
 
 
-def _rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
-    """Disjoint shard subsets per rank, so ranks never read the same samples at the same time.
-
-    A shard in a smaller subset is drawn a little more often, by at most (k+1)/k for k shards per rank.
-    """
-    if len(urls) >= world_size:
-        return urls[rank::world_size]
-    logger.warning(
-        "train data: %d shards for %d ranks; every rank resamples all shards (streams differ by seed only)",
-        len(urls),
-        world_size,
-    )
-    return urls
+def _shards_for(
+    images: str | None, sidecars: str | None, what: str, tokenizer_path: str | None, embedding_dim: int | None
+) -> list[tuple[str, str | None]]:
+    """(image, sidecar) shard pairs, after the mode's own checks (a tokenizer online, a sane size offline)."""
+    shards = paired_shard_list(images, sidecars, what)
+    if sidecars is None and not tokenizer_path:
+        raise ValueError(f"{what}: online mode tokenises captions and needs a tokenizer path (model.llm.tokenizer)")
+    if sidecars is not None:
+        if embedding_dim is not None and embedding_dim < 1:
+            raise ValueError(f"embedding_dim: {embedding_dim} must be >= 1 (the adapter's input size)")
+        # The resampler draws image urls; their sidecar is looked up by url, so a repeated url needs one sidecar.
+        seen: dict[str, str | None] = {}
+        for image, sidecar in shards:
+            if seen.setdefault(image, sidecar) != sidecar:
+                raise ValueError(f"{what}: {image} is listed twice with different sidecars")
+    return shards
 
 
 def build_train_loader(
     data_cfg: DataConfig,
-    tokenizer_path: str,
+    tokenizer_path: str | None,
     image_size: int,
     micro_batch: int,
     rank: int,
     world_size: int,
     seed: int,
     max_text_len: int,
+    embedding_dim: int | None = None,
 ) -> TrainLoader:
     """Infinite, resampled training batches of ``micro_batch`` samples for ``rank`` of ``world_size``.
 
@@ -578,15 +529,20 @@ def build_train_loader(
     Shards of ``data_cfg.train_shards`` are split across ranks, then resampled with replacement per DataLoader
     worker with seeds from (seed, rank, worker); samples pass a ``shuffle_buffer``, one caption per sample is drawn
     from ``caption_fields`` weights renormalised over the fields present.
+
+    Offline mode (``data_cfg.train_embedding_shards`` set): sidecar i travels with image shard i (through the rank
+    split and resampling) and batches carry ``llm_embeddings`` float32 (b, d) of the drawn field instead of
+    ``input_ids``/``attention_mask``; ``tokenizer_path`` may be None. ``embedding_dim`` (the adapter's input size)
+    is checked on every vector; None trusts the first vector each worker sees.
     """
     _check_common(rank, world_size, micro_batch, max_text_len, image_size)
     if not data_cfg.caption_fields or not any(w > 0 for w in data_cfg.caption_fields.values()):
         raise ValueError("data.caption_fields: give at least one field with a positive weight")
-    urls = expand_shards(data_cfg.train_shards) if data_cfg.train_shards else []
-    if not urls:
-        raise ValueError(f"data.train_shards: {data_cfg.train_shards!r} matches no shards")
+    shards = _shards_for(
+        data_cfg.train_shards, data_cfg.train_embedding_shards, "data.train_shards", tokenizer_path, embedding_dim
+    )
     dataset = _TrainStream(
-        _rank_shards(urls, rank, world_size),
+        rank_shards(shards, rank, world_size),
         data_cfg,
         tokenizer_path,
         image_size,
@@ -594,13 +550,14 @@ def build_train_loader(
         rank,
         seed,
         max_text_len,
+        embedding_dim,
     )
     return TrainLoader(dataset, data_cfg.num_workers, label=f"train data rank {rank}")
 
 
 def build_eval_loader(
     data_cfg: DataConfig,
-    tokenizer_path: str,
+    tokenizer_path: str | None,
     image_size: int,
     batch_size: int,
     rank: int,
@@ -608,17 +565,21 @@ def build_eval_loader(
     max_samples: int | None,
     max_text_len: int,
     caption_field: str,
+    embedding_dim: int | None = None,
 ) -> EvalLoader:
     """Deterministic eval batches: the first N = min(max_samples, good samples) of ``eval_shards`` in order, N cut
     to a multiple of world_size, rank r taking global indices i % world_size == r. Every rank yields the same number
     of batches (the last may be smaller); ``batch["index"]`` gives the global indices for all-gather and reorder.
+
+    Offline mode (``data_cfg.eval_embedding_shards`` set): as for :func:`build_train_loader`, batches carry
+    ``llm_embeddings`` of ``caption_field``; a sample without a usable vector is not a good sample.
     """
     _check_common(rank, world_size, batch_size, max_text_len, image_size)
-    urls = expand_shards(data_cfg.eval_shards) if data_cfg.eval_shards else []
-    if not urls:
-        raise ValueError(f"data.eval_shards: {data_cfg.eval_shards!r} matches no shards")
+    shards = _shards_for(
+        data_cfg.eval_shards, data_cfg.eval_embedding_shards, "data.eval_shards", tokenizer_path, embedding_dim
+    )
     dataset = _EvalStream(
-        urls,
+        shards,
         data_cfg,
         tokenizer_path,
         image_size,
@@ -628,5 +589,6 @@ def build_eval_loader(
         max_samples,
         max_text_len,
         caption_field,
+        embedding_dim,
     )
     return EvalLoader(dataset, data_cfg.num_workers, label=f"eval data rank {rank}")

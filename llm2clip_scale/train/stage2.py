@@ -47,6 +47,12 @@ def _check_tokenizer_fits(cfg: Config) -> None:
         )
 
 
+def needs_llm(cfg: Config) -> bool:
+    """Online mode embeds captions with the frozen LLM; offline mode reads sidecar embeddings and builds none."""
+    eval_online = bool(cfg.data.eval_shards) and cfg.data.eval_embedding_shards is None
+    return cfg.data.train_embedding_shards is None or eval_online
+
+
 @dataclass
 class Features:
     image: torch.Tensor
@@ -113,8 +119,9 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
     """R@k on the held-out split: every rank encodes its share, features are gathered and re-ordered by index."""
     step_fn.engine.eval()
     loader = build_eval_loader(
-        cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.eval.batch_size, topo.rank,
+        cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.eval.batch_size, topo.rank,
         topo.world_size, cfg.eval.max_samples, cfg.data.max_text_len, cfg.data.eval_caption_field,
+        embedding_dim=cfg.model.adapter.input_dim,
     )
     images, texts, indices = [], [], []
     for batch in loader:
@@ -133,15 +140,15 @@ def train_stage2(cfg: Config) -> dict:
     """Train stage 2 from ``cfg``; returns the final metrics (on every rank)."""
     started = time.perf_counter()
     validate(cfg)
-    _check_tokenizer_fits(cfg)
+    if needs_llm(cfg):
+        _check_tokenizer_fits(cfg)
     init_distributed(cfg.parallel.backend)
     topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     # Same seed on every rank: replicas start identical (DeepSpeed also broadcasts rank 0's weights).
     torch.manual_seed(cfg.train.seed)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
-    online = cfg.data.train_embedding_shards is None
-    text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if online else None
+    text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if needs_llm(cfg) else None
     model = build_clip_model(cfg.model)
     # The teacher starts from the pretrained image encoder, before DeepSpeed casts or shards anything.
     teacher = EMATeacher(model.vision, cfg.train.ema_momentum) if cfg.train.self_distill_weight > 0 else None
@@ -149,8 +156,8 @@ def train_stage2(cfg: Config) -> dict:
     loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
     step_fn = Stage2Step(engine, text_tower, topo, dtype, loss_fn, teacher, cfg.train.self_distill_weight)
     loader = iter(build_train_loader(
-        cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
-        topo.world_size, cfg.train.seed, cfg.data.max_text_len,
+        cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
+        topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
     ))
     accumulation = engine.gradient_accumulation_steps()
     logger = MetricLogger(cfg.logging, cfg.train.steps, topo.is_main)

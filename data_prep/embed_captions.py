@@ -1,0 +1,147 @@
+"""Embed the captions of image shards offline with the (tensor-parallel) LLM text tower into sidecar shards.
+
+    torchrun --nproc_per_node N data_prep/embed_captions.py CONFIG --shards PATTERN --out DIR [key=value ...]
+
+The tower is built from ``model.llm`` of CONFIG (``parallel.tensor_parallel`` ranks per tower, PP = 1), frozen, in
+``train.precision`` so offline vectors are those online stage 2 would compute. Whole image shards go to the
+LLM-data-parallel groups (shard i to group i % (N / TP)); TP rank 0 of a group reads the captions, all ranks of the
+group embed them, and TP rank 0 writes ``DIR/<image shard name>`` atomically. Sidecars already complete with the
+same settings are skipped, so an interrupted job is simply rerun. Point ``data.train_embedding_shards`` (or
+``data.eval_embedding_shards``) at ``DIR`` with the image shards' brace pattern to train offline. Format:
+:mod:`llm2clip_scale.data.sidecar`. Exit status 1 when some image shard could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llm2clip_scale.config.load import expand_shards, load_config
+from llm2clip_scale.config.schema import Config
+from llm2clip_scale.data.sidecar import SidecarReport, write_sidecars
+
+logger = logging.getLogger("llm2clip_scale.data_prep.embed_captions")
+
+
+def default_fields(cfg: Config) -> list[str]:
+    """The fields stage 2 can draw: positive-weight ``data.caption_fields``, then ``data.eval_caption_field``."""
+    fields = [name for name, weight in cfg.data.caption_fields.items() if weight > 0]
+    if cfg.data.eval_caption_field and cfg.data.eval_caption_field not in fields:
+        fields.append(cfg.data.eval_caption_field)
+    return fields
+
+
+def model_source(cfg: Config) -> dict:
+    """What identifies the embedding model in the sidecar header: a restart with another model redoes the shards."""
+    llm = cfg.model.llm
+    return {
+        "hf_checkpoint": llm.hf_checkpoint,
+        "seed": None if llm.hf_checkpoint else llm.seed,
+        "num_layers": llm.num_layers,
+        "hidden_size": llm.hidden_size,
+        "bidirectional": llm.bidirectional,
+        "tokenizer": llm.tokenizer,
+        "precision": cfg.train.precision,
+    }
+
+
+def embed_captions(
+    cfg: Config,
+    image_urls: Sequence[str],
+    out_dir: str | Path,
+    fields: Sequence[str] | None = None,
+    batch_size: int = 64,
+    dtype: str = "float16",
+) -> SidecarReport:
+    """Collective over the initialised world: set up TP groups, build the frozen tower, write this group's sidecars.
+
+    The caller has run ``init_distributed``; this builds the topology with ``cfg.parallel.tensor_parallel`` and PP 1.
+    """
+    from llm2clip_scale.data.loader import load_tokenizer
+    from llm2clip_scale.distributed.topology import build_topology
+    from llm2clip_scale.models.llm.tower import build_text_tower
+
+    if cfg.parallel.pipeline_parallel != 1:
+        raise ValueError("parallel.pipeline_parallel: offline embedding runs the tower with PP = 1; use TP instead")
+    if not cfg.model.llm.tokenizer:
+        raise ValueError("model.llm.tokenizer: the caption tokenizer directory is required")
+    topo = build_topology(cfg.parallel.tensor_parallel, 1)
+    from megatron.core import parallel_state
+
+    params_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    tower = build_text_tower(cfg.model.llm, params_dtype=params_dtype, trainable=False, device=topo.device)
+    return write_sidecars(
+        tower,
+        load_tokenizer(cfg.model.llm.tokenizer),
+        list(image_urls),
+        out_dir,
+        list(fields) if fields else default_fields(cfg),
+        cfg.data.max_text_len,
+        llm_dp_rank=topo.llm_dp_rank,
+        llm_dp_size=topo.llm_dp_size,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        batch_size=batch_size,
+        dtype=dtype,
+        device=topo.device,
+        source=model_source(cfg),
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config (model.llm, parallel.tensor_parallel, data.max_text_len, ...)")
+    parser.add_argument("--shards", required=True, help="image shard pattern, e.g. data/train-{000000..000099}.tar")
+    parser.add_argument("--out", required=True, help="directory for the sidecar shards")
+    parser.add_argument("--fields", default="", help="comma-separated caption fields (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=64, help="captions per tower forward")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored vector dtype")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tensor_parallel=2")
+    # Intermixed: overrides may follow the options (CONFIG --shards P --out D key=value), which parse_args rejects.
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llm2clip_scale.distributed.topology import init_distributed, shutdown
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    urls = expand_shards(args.shards)
+    if not urls:
+        print(f"embed_captions: --shards {args.shards!r} matches no shards", file=sys.stderr)
+        return 2
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] or None
+    init_distributed(cfg.parallel.backend)
+    started = time.perf_counter()
+    try:
+        report = embed_captions(cfg, urls, args.out, fields, args.batch_size, args.dtype)
+        # Every group's outcome, summed: one line from rank 0, and a non-zero exit on every rank if anything failed.
+        totals = torch.tensor(
+            [len(report.written), len(report.reused), len(report.failed), report.samples, report.captions]
+            if report.writer else [0, 0, 0, 0, 0],
+            dtype=torch.long,
+        )
+        if dist.get_backend() == "nccl":  # nccl reduces device tensors only
+            totals = totals.cuda()
+        dist.all_reduce(totals)
+        written, reused, failed, samples, captions = totals.tolist()
+        if dist.get_rank() == 0:
+            logger.info(
+                "embed captions: %d sidecars written, %d already complete, %d image shards unreadable; %d samples, "
+                "%d captions in %.1f s -> %s", written, reused, failed, samples, captions,
+                time.perf_counter() - started, args.out,
+            )
+    finally:
+        shutdown()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # guard: megatron helpers may spawn processes that re-import this file
+    sys.exit(main())
