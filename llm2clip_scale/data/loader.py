@@ -20,35 +20,37 @@ Bad data never stops a run. Samples are skipped and counted by reason:
 
 DataLoader workers are separate processes, so each worker keeps cumulative counts and stamps a snapshot on every batch
 it makes; the main process keeps the latest snapshot per worker and reports the exact sum as ``batch["skipped"]``.
-Shard reading, shard lists and skip counting live in :mod:`llm2clip_scale.data.shards` and are re-exported here.
+Shard reading, shard lists and skip counting live in :mod:`llm2clip_scale.data.shards`, sample decoding and
+collation in :mod:`llm2clip_scale.data.samples`; the public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import random
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 import torch
 import webdataset as wds
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision import transforms
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from torch.utils.data import DataLoader, IterableDataset
 
 from llm2clip_scale.config.schema import DataConfig
+from llm2clip_scale.data.samples import (
+    IMAGE_EXTENSIONS,
+    Collator,
+    ImageTransform,
+    batched,
+    eval_examples,
+    load_tokenizer,
+    seeded,
+    train_examples,
+    worker_id,
+)
 from llm2clip_scale.data.shards import (
     MAX_CONSECUTIVE_SKIPS,
-    SKIPPED_KEY,
-    WORKER_KEY,
     SkipCounter,
     SkipTally,
-    caption_of,
     paired_shard_list,
-    parse_meta,
     rank_shards,
     read_shard,
     read_shards,
@@ -70,237 +72,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("llm2clip_scale.data")
-# transformers is imported at module level on purpose: forked DataLoader workers inherit it instead of paying ~1 s.
-
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
-
-
-# ------------------------------------------------------------------------------------------------ sample decoding
-
-
-@dataclass
-class _Example:
-    key: str
-    image: torch.Tensor
-    caption: str
-    field: str
-    index: int = -1  # global eval index; -1 in training
-    embedding: torch.Tensor | None = None  # offline mode: the sidecar vector of ``field``
-
-
-def _caption_options(sample: dict, weights: dict[str, float], skips: SkipCounter) -> list[tuple[str, str, float]]:
-    """(field, caption, weight) for every wanted field present in the sample; counts the skip when there is none."""
-    key = sample["__key__"]
-    meta, reason, detail = parse_meta(sample)
-    if meta is None:
-        skips.add(reason, key, detail)
-        return []
-    options = [
-        (name, caption, weight)
-        for name, weight in weights.items()
-        if weight > 0 and (caption := caption_of(meta, name)) is not None
-    ]
-    if not options:
-        skips.add("missing_caption", key)
-    return options
-
-
-def _pick_caption(options: list[tuple[str, str, float]], rng: random.Random) -> tuple[str, str]:
-    # random.choices renormalises over the fields present; a weight of 0 was already filtered out above.
-    name, caption, _ = rng.choices(options, weights=[w for _, _, w in options])[0]
-    return name, caption
-
-
-def _decode_image(sample: dict, skips: SkipCounter) -> Image.Image | None:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        skips.add("missing_image", sample["__key__"])
-        return None
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
-            return image.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types on corrupt bytes, not only OSError
-        skips.add("bad_image", sample["__key__"], err)
-        return None
-
-
-class _ImageTransform:
-    """Resize (or random-resized-crop) to a square, to tensor, normalise.
-
-    Random crops draw from a seed the worker's own RNG supplies, inside a forked torch RNG, so results are
-    deterministic per (seed, rank, worker) and the caller's global torch RNG is left alone when num_workers=0.
-    No horizontal flip: captions say "left of".
-    """
-
-    def __init__(self, image_size: int, mean: list[float], std: list[float], augment: str, rng: random.Random | None):
-        bicubic = transforms.InterpolationMode.BICUBIC
-        if augment == "random_resized_crop":
-            # open_clip's scale range: mild crops, so objects named in the caption stay in view.
-            geometry = [transforms.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=bicubic)]
-        elif augment == "none":
-            geometry = [transforms.Resize(image_size, interpolation=bicubic), transforms.CenterCrop(image_size)]
-        else:
-            raise ValueError(f"data.augment: {augment!r} unknown; use none or random_resized_crop")
-        self._random = augment != "none"
-        if self._random and rng is None:
-            raise ValueError("random augmentation needs an RNG")
-        self._rng = rng
-        self._pipeline = transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        if not self._random:
-            return self._pipeline(image)
-        seed = self._rng.getrandbits(63)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self._pipeline(image)
-
-
-def _train_examples(
-    samples: Iterable[dict],
-    weights: dict[str, float],
-    transform: _ImageTransform,
-    rng: random.Random,
-    skips: SkipCounter,
-    embeddings: EmbeddingDecoder | None = None,
-) -> Iterator[_Example]:
-    for sample in samples:
-        # Captions first: they are cheap to check and save decoding images we would drop anyway.
-        options = _caption_options(sample, weights, skips)
-        if not options:
-            continue
-        image = _decode_image(sample, skips)
-        if image is None:
-            continue
-        # The field is drawn before its embedding is checked, so online and offline streams draw identically.
-        name, caption = _pick_caption(options, rng)
-        embedding = None
-        if embeddings is not None:
-            embedding = embeddings(sample, name, skips)
-            if embedding is None:
-                continue
-        skips.good()
-        yield _Example(key=sample["__key__"], image=transform(image), caption=caption, field=name, embedding=embedding)
-
-
-def _eval_examples(
-    samples: Iterable[dict],
-    field: str,
-    limit: int | None,
-    rank: int,
-    world_size: int,
-    transform: _ImageTransform,
-    skips: SkipCounter,
-    embeddings: EmbeddingDecoder | None = None,
-) -> Iterator[_Example]:
-    """Every rank reads and validates the same stream, so all agree on the global index of each good sample.
-    In offline mode that validation includes the sidecar vector.
-
-    Rank r keeps indices i % world_size == r, but releases its sample only once its round of world_size samples is
-    complete: that drops the incomplete last round, truncating N to a multiple of world_size without knowing N first.
-    """
-    good = 0
-    mine: tuple[int, dict, Image.Image, str, torch.Tensor | None] | None = None
-    for sample in samples:
-        if limit is not None and good >= limit:
-            break
-        options = _caption_options(sample, {field: 1.0}, skips)
-        if not options:
-            continue
-        image = _decode_image(sample, skips)
-        if image is None:
-            continue
-        embedding = None
-        if embeddings is not None:
-            embedding = embeddings(sample, field, skips)
-            if embedding is None:
-                continue
-        index, good = good, good + 1
-        if index % world_size == rank:
-            mine = (index, sample, image, options[0][1], embedding)
-        if good % world_size == 0 and mine is not None:
-            own_index, own_sample, own_image, caption, own_embedding = mine
-            yield _Example(own_sample["__key__"], transform(own_image), caption, field, own_index, own_embedding)
-            mine = None
-
-
-# ------------------------------------------------------------------------------------------------------- batching
-
-
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The caption tokenizer as every text path uses it: right padding, a pad token even for Llama-family ones."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    # Llama-family tokenizers ship without a pad token; mean pooling reads the attention mask, so any id works.
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-class _Collator:
-    """Examples → batch dict: tokenised with dynamic padding (online; the tokenizer loads lazily, inside the worker)
-    or with the sidecar vectors stacked (offline, ``tokenizer_path=None``)."""
-
-    def __init__(self, tokenizer_path: str | None, max_text_len: int, worker: int, skips: SkipCounter) -> None:
-        self._path = tokenizer_path
-        self._max_len = max_text_len
-        self._worker = worker
-        self._skips = skips
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-
-    def __call__(self, examples: list[_Example]) -> dict:
-        captions = [e.caption for e in examples]
-        batch = {
-            "images": torch.stack([e.image for e in examples]),
-            "keys": [e.key for e in examples],
-            "captions": captions,
-            "caption_fields": [e.field for e in examples],
-            WORKER_KEY: self._worker,
-            SKIPPED_KEY: self._skips.snapshot(),  # taken now: counts every skip before this batch left the worker
-        }
-        if self._path is None:
-            batch["llm_embeddings"] = torch.stack([e.embedding for e in examples])
-        else:
-            if self._tokenizer is None:
-                self._tokenizer = load_tokenizer(self._path)
-            encoded = self._tokenizer(
-                captions, padding="longest", truncation=True, max_length=self._max_len, return_tensors="pt"
-            )
-            batch["input_ids"] = encoded["input_ids"].long()
-            batch["attention_mask"] = encoded["attention_mask"].long()
-        if examples[0].index >= 0:
-            batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
-        return batch
-
-
-def _batched(
-    examples: Iterable[_Example], batch_size: int, collate: Callable[[list[_Example]], dict], keep_partial: bool
-) -> Iterator[dict]:
-    # A full batch is held until the next example arrives (or the stream ends), so the skip snapshot of the last
-    # batch of a finite stream also covers skips that happened after its last sample.
-    pending: list[_Example] | None = None
-    current: list[_Example] = []
-    for example in examples:
-        if pending is not None:
-            yield collate(pending)
-            pending = None
-        current.append(example)
-        if len(current) == batch_size:
-            pending, current = current, []
-    if pending is not None:
-        yield collate(pending)
-    if current and keep_partial:
-        yield collate(current)
-
-
-def _worker_id() -> int:
-    info = get_worker_info()
-    return info.id if info is not None else 0
-
-
-def _seeded(*parts: object) -> random.Random:
-    # String seeds hash with SHA-512 inside random.Random: stable across processes and PYTHONHASHSEED.
-    return random.Random("/".join(str(p) for p in parts))
 
 
 # ------------------------------------------------------------------------------------------------------- datasets
@@ -343,11 +114,11 @@ class _TrainStream(IterableDataset):
         self.pass_index = 0  # which iter() of the TrainLoader this is; part of every seed
 
     def __iter__(self) -> Iterator[dict]:
-        worker = _worker_id()
+        worker = worker_id()
         label = f"train data rank {self.rank} worker {worker}"
         skips = SkipCounter(label, MAX_CONSECUTIVE_SKIPS)
         stream = (self.seed, self.rank, worker, self.pass_index)
-        shard_seed = _seeded("shards", *stream).getrandbits(62)
+        shard_seed = seeded("shards", *stream).getrandbits(62)
         cfg = self.cfg
         urls = [image for image, _ in self.shards]
         stages: list = [
@@ -355,14 +126,14 @@ class _TrainStream(IterableDataset):
             *_source_stages(self.shards, skips),
         ]
         if cfg.shuffle_buffer > 1:
-            stages.append(wds.shuffle(cfg.shuffle_buffer, rng=_seeded("shuffle", *stream)))
-        rng = _seeded("augment", *stream)
-        transform = _ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, rng)
-        captions_rng = _seeded("captions", *stream)
+            stages.append(wds.shuffle(cfg.shuffle_buffer, rng=seeded("shuffle", *stream)))
+        rng = seeded("augment", *stream)
+        transform = ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, rng)
+        captions_rng = seeded("captions", *stream)
         embeddings = EmbeddingDecoder(self.embedding_dim, label) if self.offline else None
         stages.append(
             partial(
-                _train_examples,
+                train_examples,
                 weights=dict(cfg.caption_fields),
                 transform=transform,
                 rng=captions_rng,
@@ -370,8 +141,8 @@ class _TrainStream(IterableDataset):
                 embeddings=embeddings,
             )
         )
-        collate = _Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker, skips)
-        stages.append(partial(_batched, batch_size=self.micro_batch, collate=collate, keep_partial=False))
+        collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker, skips)
+        stages.append(partial(batched, batch_size=self.micro_batch, collate=collate, keep_partial=False))
         return iter(wds.DataPipeline(*stages))
 
 
@@ -402,13 +173,13 @@ class _EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         label = f"eval data rank {self.rank}"
         skips = SkipCounter(label)
-        transform = _ImageTransform(self.image_size, self.cfg.image_mean, self.cfg.image_std, "none", None)
-        collate = _Collator(None if self.offline else self.tokenizer_path, self.max_text_len, _worker_id(), skips)
+        transform = ImageTransform(self.image_size, self.cfg.image_mean, self.cfg.image_std, "none", None)
+        collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker_id(), skips)
         pipeline = wds.DataPipeline(
             wds.SimpleShardList([image for image, _ in self.shards]),
             *_source_stages(self.shards, skips),
             partial(
-                _eval_examples,
+                eval_examples,
                 field=self.field,
                 limit=self.max_samples,
                 rank=self.rank,
@@ -417,7 +188,7 @@ class _EvalStream(IterableDataset):
                 skips=skips,
                 embeddings=EmbeddingDecoder(self.embedding_dim, label) if self.offline else None,
             ),
-            partial(_batched, batch_size=self.batch_size, collate=collate, keep_partial=True),
+            partial(batched, batch_size=self.batch_size, collate=collate, keep_partial=True),
         )
         return iter(pipeline)
 
@@ -447,7 +218,7 @@ class TrainLoader:
         # A second iter() continues with fresh seeds rather than replaying the first pass (set before workers fork).
         self.dataset.pass_index = self._passes
         self._passes += 1
-        seed = _seeded("dataloader", self.dataset.seed, self.dataset.rank, self.dataset.pass_index).getrandbits(63)
+        seed = seeded("dataloader", self.dataset.seed, self.dataset.rank, self.dataset.pass_index).getrandbits(63)
         for batch in _data_loader(self.dataset, self.num_workers, seed):
             yield tally.absorb(batch)
 
