@@ -1,0 +1,254 @@
+"""LoRA on the megatron tower: TP=2 trains exactly like TP=1 (and like TP=1 x DP=2), merging is exact, only adapters
+train, and a target inside a fused linear touches only its own rows.
+
+Spawning ranks costs seconds (megatron import), so one 2-rank run does everything: first as TP=2 x DP=1, then, after
+tearing megatron's groups down, as TP=1 x DP=2. The tests assert on what both phases return.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm2clip_scale.config.schema import LLMConfig
+from tests.multiprocess import run_on_ranks
+
+CFG = LLMConfig(
+    num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+    vocab_size=128, max_seq_len=32, seed=4321,
+)
+LORA_RANK, LORA_ALPHA, STEPS, LR = 4, 8.0, 3, 1e-3
+PAIRS, WIDTH, INSTRUCTION_TOKENS = 8, 10, 2
+
+
+def _pair_tokens() -> dict[str, torch.Tensor]:
+    """Global batch of (query, positive, negative) token rows; queries carry a 2-token 'instruction' left unpooled.
+
+    A positive shares two tokens with its query and its hard negative all but three with the positive, so the
+    loss starts well above zero and three steps move it without driving it to zero.
+    """
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(5, WIDTH + 1, (3, PAIRS), generator=gen)
+    query = torch.randint(0, CFG.vocab_size, (PAIRS, WIDTH), generator=gen)
+    positive = torch.randint(0, CFG.vocab_size, (PAIRS, WIDTH), generator=gen)
+    positive[:, 1:3] = query[:, 2:4]
+    negative = positive.clone()
+    negative[:, 3:6] = torch.randint(0, CFG.vocab_size, (PAIRS, 3), generator=gen)
+    masks = (torch.arange(WIDTH)[None, None, :] < lengths[:, :, None]).long()
+    pool = masks.clone()
+    pool[0, :, :INSTRUCTION_TOKENS] = 0
+    return {"ids": torch.cat([query, positive, negative]), "mask": masks.reshape(-1, WIDTH),
+            "pool": pool.reshape(-1, WIDTH)}
+
+
+def _train(dropout: float, split: bool, loss_group: object) -> dict:
+    """3 AdamW steps of SimCSE on LoRA; ``split`` gives each DP rank half the pairs and averages gradients."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from llm2clip_scale.losses.simcse import simcse_loss
+    from llm2clip_scale.models.llm.lora import apply_lora, gather_lora_state, lora_adapters, merge_lora
+    from llm2clip_scale.models.llm.tower import build_text_tower
+
+    tower = build_text_tower(CFG, trainable=True)
+    tower.train()
+    params = apply_lora(tower, LORA_RANK, LORA_ALPHA, dropout)
+    trainable = sorted(name for name, p in tower.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    data = _pair_tokens()
+    rows = torch.arange(PAIRS)
+    if split:
+        rows = rows.chunk(dp_size)[dp_rank]
+    pick = torch.cat([rows, rows + PAIRS, rows + 2 * PAIRS])  # this rank's queries, positives, negatives
+    torch.manual_seed(99)  # the dropout masks: the same stream on every rank and in both phases
+    losses = []
+    for _ in range(STEPS):
+        emb = tower(data["ids"][pick], data["mask"][pick], data["pool"][pick])
+        query, positive, negative = emb.chunk(3)
+        loss = simcse_loss(query, positive, negative, group=loss_group)
+        loss.backward()
+        reported = loss.detach().clone()
+        if split:  # data-parallel convention: average the local losses and gradients over LLM-DP
+            for p in params:
+                dist.all_reduce(p.grad, group=dp_group)
+                p.grad /= dp_size
+            dist.all_reduce(reported, group=dp_group)
+            reported /= dp_size
+        losses.append(reported.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    state = gather_lora_state(tower)
+    tower.eval()
+    eval_ids, eval_mask = data["ids"][:PAIRS], data["mask"][:PAIRS]
+    with torch.no_grad():
+        lora_out = tower(eval_ids, eval_mask)
+        merged_count = merge_lora(tower)
+        merged_out = tower(eval_ids, eval_mask)
+    return {
+        "losses": losses, "state": state, "trainable": trainable, "num_params": len(params),
+        "lora_out": lora_out, "merged_out": merged_out, "merged_count": merged_count,
+        "adapters_left": len(lora_adapters(tower)),
+        "all_trainable_again": all(p.requires_grad for p in tower.parameters()),
+    }
+
+
+def _fused_rows() -> dict:
+    """linear_qkv / linear_fc1 outputs of layer 1 before and after a q+gate LoRA with random (non-zero) B."""
+    from megatron.core import parallel_state
+
+    from llm2clip_scale.models.llm.lora import apply_lora, gather_lora_state, load_lora_state
+    from llm2clip_scale.models.llm.tower import build_text_tower
+
+    tower = build_text_tower(CFG)  # frozen, eval mode
+    layer = tower.decoder.layers[0]
+    x = torch.randn(5, 3, CFG.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base_qkv, base_fc1 = layer.self_attention.linear_qkv(x)[0], layer.mlp.linear_fc1(x)[0]
+        apply_lora(tower, LORA_RANK, LORA_ALPHA, 0.0, targets=("q", "gate"))
+        gen = torch.Generator().manual_seed(11)
+        state = {k: (torch.randn(v.shape, generator=gen) if ".B." in k else v)
+                 for k, v in sorted(gather_lora_state(tower).items())}
+        load_lora_state(tower, state)
+        lora_qkv, lora_fc1 = layer.self_attention.linear_qkv(x)[0], layer.mlp.linear_fc1(x)[0]
+    return {"base_qkv": base_qkv, "lora_qkv": lora_qkv, "base_fc1": base_fc1, "lora_fc1": lora_fc1,
+            "state_keys": sorted(state), "tp_size": parallel_state.get_tensor_model_parallel_world_size()}
+
+
+def _cra_batches(rank: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """10 pairs: rank 0 holds 6 (batches of 4 and 2), rank 1 holds 4 (one batch); keys are edited queries."""
+    gen = torch.Generator().manual_seed(5)
+    n = 10
+    query = torch.randint(0, CFG.vocab_size, (n, WIDTH), generator=gen)
+    key = query.clone()
+    key[:, 4:] = torch.randint(0, CFG.vocab_size, (n, WIDTH - 4), generator=gen)
+    mask = (torch.arange(WIDTH)[None, :] < torch.randint(6, WIDTH + 1, (n, 1), generator=gen)).long()
+    pool = mask.clone()
+    pool[:, :INSTRUCTION_TOKENS] = 0
+    spans = [[(0, 4), (4, 6)], [(6, 10)]][rank]
+    batches = [{"query_input_ids": query[a:b], "query_attention_mask": mask[a:b], "query_pool_mask": pool[a:b],
+                "positive_input_ids": key[a:b], "positive_attention_mask": mask[a:b]} for a, b in spans]
+    return batches, {"query": query, "key": key, "mask": mask, "pool": pool}
+
+
+def _cra(grouped: bool) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from llm2clip_scale.eval.cra import caption_retrieval_accuracy, evaluate_cra
+    from llm2clip_scale.models.llm.tower import build_text_tower
+
+    tower = build_text_tower(CFG)
+    batches, full = _cra_batches(dist.get_rank())
+    tp_group = parallel_state.get_tensor_model_parallel_group() if grouped else None
+    result = evaluate_cra(tower, batches, tp_group=tp_group, gather_group=dist.group.WORLD)
+    with torch.no_grad():
+        reference = caption_retrieval_accuracy(
+            tower(full["query"], full["mask"], full["pool"]), tower(full["key"], full["mask"])
+        )
+    return {**result, "reference": reference}
+
+
+def _worker() -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from llm2clip_scale.distributed.topology import build_topology, init_distributed
+
+    init_distributed("gloo")
+    own_group, _ = dist.new_subgroups(group_size=1)
+    out: dict = {}
+    build_topology(2, 1)  # TP=2 x DP=1: both ranks hold the whole batch
+    dp = parallel_state.get_data_parallel_group()
+    out["tp2_dropout"] = _train(0.05, split=False, loss_group=dp)
+    out["tp2"] = _train(0.0, split=False, loss_group=dp)
+    out["tp2_fused"] = _fused_rows()
+    out["tp2_cra"] = _cra(grouped=True)
+    parallel_state.destroy_model_parallel()
+    build_topology(1, 1)  # TP=1 x DP=2
+    out["tp1_dropout"] = _train(0.05, split=False, loss_group=own_group)
+    out["tp1_dp2"] = _train(0.0, split=True, loss_group=parallel_state.get_data_parallel_group())
+    out["tp1_fused"] = _fused_rows()
+    out["tp1_cra"] = _cra(grouped=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_on_ranks(_worker, 2)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual - expected).abs().max().item() / expected.abs().max().item()
+
+
+def test_tp2_training_matches_tp1(ranks: list[dict]) -> None:
+    """Same seed, data and dropout masks: the loss trajectory and the trained adapters do not depend on TP (or on
+    splitting the batch over LLM-DP with the gathered SimCSE loss)."""
+    for reference, other in (("tp1_dropout", "tp2_dropout"), ("tp1_dp2", "tp2")):
+        ref = ranks[0][reference]
+        assert ref["losses"][-1] < ref["losses"][0] - 0.05, ref["losses"]  # training actually moved the adapters
+        for rank in ranks:
+            assert rank[other]["losses"] == pytest.approx(ref["losses"], rel=1e-5), (other, rank[other]["losses"])
+            assert rank[reference]["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+            assert rank[other]["state"].keys() == ref["state"].keys()
+            for key, full in ref["state"].items():
+                assert _rel_err(rank[other]["state"][key], full) <= 1e-4, key
+    # Dropout is active: it changes the trajectory.
+    assert ranks[0]["tp1_dropout"]["losses"][1:] != pytest.approx(ranks[0]["tp1_dp2"]["losses"][1:], rel=1e-4)
+
+
+def test_only_lora_parameters_train(ranks: list[dict]) -> None:
+    run = ranks[0]["tp2"]
+    # 2 layers x (q, k, v, o, gate, up, down) x (A, B)
+    assert run["num_params"] == len(run["trainable"]) == CFG.num_layers * 7 * 2
+    assert all(".lora.A." in name or ".lora.B." in name for name in run["trainable"])
+
+
+def test_merge_equals_lora_forward(ranks: list[dict]) -> None:
+    for rank in ranks:
+        for key in ("tp2_dropout", "tp1_dropout"):
+            run = rank[key]
+            assert run["merged_count"] == CFG.num_layers * 4 and run["adapters_left"] == 0
+            assert run["all_trainable_again"]  # merge restores the flags apply_lora found (a trainable tower)
+            assert _rel_err(run["merged_out"], run["lora_out"]) <= 1e-5
+
+
+def _qkv_parts(out: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local linear_qkv output -> (q rows, k and v rows), by megatron's per-query-group interleaving."""
+    head_dim = CFG.hidden_size // CFG.num_attention_heads
+    q_rows = CFG.num_attention_heads // CFG.num_query_groups * head_dim
+    grouped = out.reshape(*out.shape[:-1], groups, q_rows + 2 * head_dim)
+    return grouped[..., :q_rows], grouped[..., q_rows:]
+
+
+def test_q_and_gate_lora_touch_only_their_rows(ranks: list[dict]) -> None:
+    for name, groups_per_rank in (("tp1_fused", CFG.num_query_groups), ("tp2_fused", CFG.num_query_groups // 2)):
+        for rank in ranks:
+            run = rank[name]
+            base_q, base_kv = _qkv_parts(run["base_qkv"], groups_per_rank)
+            lora_q, lora_kv = _qkv_parts(run["lora_qkv"], groups_per_rank)
+            assert torch.equal(base_kv, lora_kv), name  # k and v rows bit-identical
+            assert (lora_q - base_q).abs().amax(dim=(0, 1)).min() > 1e-3, name  # every q row changed
+            gate_base, up_base = run["base_fc1"].chunk(2, dim=-1)
+            gate_lora, up_lora = run["lora_fc1"].chunk(2, dim=-1)
+            assert torch.equal(up_base, up_lora), name
+            assert (gate_lora - gate_base).abs().amax(dim=(0, 1)).min() > 1e-3, name
+            assert all(".q" in k or ".gate" in k for k in run["state_keys"])
+    # TP=2 shards reassemble into the TP=1 outputs: qkv splits whole query groups; fc1 is [gate_r, up_r] per rank.
+    tp1 = ranks[0]["tp1_fused"]
+    qkv = torch.cat([rank["tp2_fused"]["lora_qkv"] for rank in ranks], dim=-1)
+    assert _rel_err(qkv, tp1["lora_qkv"]) <= 1e-5
+    halves = [rank["tp2_fused"]["lora_fc1"].chunk(2, dim=-1) for rank in ranks]
+    fc1 = torch.cat([halves[0][0], halves[1][0], halves[0][1], halves[1][1]], dim=-1)
+    assert _rel_err(fc1, tp1["lora_fc1"]) <= 1e-5
+
+
+def test_cra_over_a_tower_with_uneven_ranks(ranks: list[dict]) -> None:
+    reference = ranks[0]["tp1_cra"]["reference"]
+    assert 0.2 < reference < 1.0  # edited keys: neither chance (0.1) nor trivially perfect
+    for rank in ranks:
+        for key in ("tp1_cra", "tp2_cra"):
+            assert rank[key]["num_pairs"] == 10
+            assert rank[key]["cra"] == pytest.approx(reference, abs=1e-12), key
