@@ -3,6 +3,7 @@ LoRA, locking, layer-wise lr decay and gradient checkpointing — all on tiny CP
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -169,10 +170,13 @@ def test_tiny_towers_forward(name: str) -> None:
 def test_clip_model_still_builds_and_runs() -> None:
     cfg = ModelConfig(embed_dim=EMBED, vision=tiny_cfg(), adapter=AdapterConfig(input_dim=32, num_blocks=1))
     model = build_clip_model(cfg)
-    img, txt, scale = model(images(), torch.randn(2, 32))
+    img, txt, scale, bias = model(images(), torch.randn(2, 32))
     assert img.shape == txt.shape == (2, EMBED)
     assert torch.allclose(img.norm(dim=-1), torch.ones(2))
-    assert scale.ndim == 0
+    assert scale.ndim == 0 and bias is None  # InfoNCE: no logit bias
+
+    siglip = build_clip_model(dataclasses.replace(cfg, logit_bias_init=-10.0))
+    assert siglip(images(), torch.randn(2, 32))[3].item() == -10.0
 
 
 # ------------------------------------------------------------------------------------------------ pretrained load
