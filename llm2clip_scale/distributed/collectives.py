@@ -36,3 +36,12 @@ def all_gather_rows(
         dist.all_gather(parts, padded.contiguous(), group=group)
     rank = dist.get_rank(group)
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0), sum(counts[:rank])
+
+
+def gather_in_sample_order(index: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather each tensor of ``rows`` over the world and sort the rows by ``index`` (their global sample numbers).
+
+    Evaluation splits a held-out set over ranks; this puts every rank's rows back in one order known to all ranks.
+    """
+    order = torch.argsort(all_gather_rows(index)[0])
+    return tuple(all_gather_rows(part)[0][order] for part in rows)

@@ -30,7 +30,7 @@ from torch import nn
 from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
-from llm2clip_scale.distributed.collectives import all_gather_rows
+from llm2clip_scale.distributed.collectives import gather_in_sample_order
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
 from llm2clip_scale.losses.proclip import instance_loss, structure_loss
 from llm2clip_scale.metrics.logger import MetricLogger
@@ -141,10 +141,8 @@ def evaluate(step_fn: Stage1Step, cfg: Config, topo: Topology) -> dict:
         teachers.append(teacher)
         indices.append(batch["index"].to(topo.device))
     step_fn.engine.train()
-    all_students, _ = all_gather_rows(torch.cat(students))
-    all_teachers, _ = all_gather_rows(torch.cat(teachers))
-    order = torch.argsort(all_gather_rows(torch.cat(indices))[0])
-    return agreement_metrics(all_students[order].cpu(), all_teachers[order].cpu())
+    all_students, all_teachers = gather_in_sample_order(torch.cat(indices), torch.cat(students), torch.cat(teachers))
+    return agreement_metrics(all_students.cpu(), all_teachers.cpu())
 
 
 def train_proclip_stage1(cfg: Config) -> dict:

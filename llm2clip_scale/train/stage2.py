@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
-from llm2clip_scale.distributed.collectives import all_gather_rows
+from llm2clip_scale.distributed.collectives import gather_in_sample_order
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
 from llm2clip_scale.eval.retrieval import retrieval_recall
 from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
@@ -130,10 +130,8 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
         texts.append(features.text)
         indices.append(batch["index"].to(topo.device))
     step_fn.engine.train()
-    all_images, _ = all_gather_rows(torch.cat(images))
-    all_texts, _ = all_gather_rows(torch.cat(texts))
-    order = torch.argsort(all_gather_rows(torch.cat(indices))[0])
-    return retrieval_recall(all_images[order].cpu(), all_texts[order].cpu())
+    all_images, all_texts = gather_in_sample_order(torch.cat(indices), torch.cat(images), torch.cat(texts))
+    return retrieval_recall(all_images.cpu(), all_texts.cpu())
 
 
 def train_stage2(cfg: Config) -> dict:
