@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the stage named by train.stage; prints one JSON result line")
     check = commands.add_parser("validate", help="load, override and validate a config without starting anything")
-    for sub in (train, check):
+    cra = commands.add_parser("cra", help="CRA of the LLM tower on stage1.eval_pairs; one JSON line")
+    cra.add_argument("--lora", default=None, help="stage-1 LoRA: lora.safetensors, a step dir or a checkpoint root")
+    for sub in (train, check, cra):
         sub.add_argument("config", help="YAML file under configs/")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.zero_stage=2")
     check.add_argument("--world-size", type=int, default=None, help="ranks to validate against (default: env)")
@@ -83,9 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from llm2clip_scale.train import run_training
+    if args.command == "cra":
+        from llm2clip_scale.train.stage1 import evaluate_checkpoint_cra
 
-    result = run_training(cfg)
+        result = evaluate_checkpoint_cra(cfg, args.lora)
+    else:
+        from llm2clip_scale.train import run_training
+
+        result = run_training(cfg)
     if rank == 0:
         print(json.dumps(result), flush=True)
     from llm2clip_scale.distributed.topology import shutdown

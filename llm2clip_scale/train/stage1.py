@@ -1,0 +1,429 @@
+"""LLM2CLIP stage 1 (``train.stage=stage1_cc``): caption-contrastive LoRA fine-tuning of the LLM text tower.
+
+The path of one step, top to bottom (megatron layout: caption pairs are split over LLM data parallelism, the TP x PP
+ranks of one model replica read the same pairs):
+
+  caption pairs of this DP rank -> (query, positive, hard negative) token rows -> gradient caching over
+  micro-batches (train/grad_cache.py: embed all without grad, SimCSE over the DP group, replay with the surrogate
+  loss through megatron's schedule) -> LoRA gradients averaged over LLM-DP -> clip -> AdamW -> warmup-cosine lr.
+
+CRA (caption-retrieval accuracy) is measured before training (the untuned tower), every ``stage1.eval_interval``
+steps and at the end. The LoRA adapters are written at the end (and every ``checkpoint.interval`` steps) as one
+TP/PP-independent safetensors file, ``<checkpoint.dir>/step<N>/lora.safetensors``, with ``latest`` naming the newest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from llm2clip_scale.config.load import validate
+from llm2clip_scale.config.schema import Config
+from llm2clip_scale.data.pairs import CaptionPair, PairCollator, batch_pairs, iter_caption_pairs, load_tokenizer
+from llm2clip_scale.data.shards import SkipCounter
+from llm2clip_scale.distributed.collectives import all_gather_rows
+from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
+from llm2clip_scale.eval.cra import caption_retrieval_accuracy, evaluate_cra
+from llm2clip_scale.losses.simcse import simcse_loss
+from llm2clip_scale.metrics.logger import MetricLogger
+from llm2clip_scale.models.llm.lora import apply_lora, gather_lora_state, load_lora_state
+from llm2clip_scale.models.llm.tower import LLMTextEncoder, build_text_tower
+from llm2clip_scale.train.grad_cache import TextBatch, concat_texts, embed_texts, grad_cache_step
+from llm2clip_scale.train.schedule import warmup_cosine
+
+log = logging.getLogger("llm2clip_scale.train")
+
+LORA_FILE = "lora.safetensors"
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+# ------------------------------------------------------------------------------------------------ LoRA checkpoints
+
+
+def global_lora_state(tower: LLMTextEncoder) -> dict[str, Tensor]:
+    """The whole model's LoRA matrices, TP- and PP-independent, on every rank. Collective over the world.
+
+    ``gather_lora_state`` reassembles TP shards but names adapters by the module path, whose layer index is local to
+    the pipeline stage (stage 1 of PP=2 calls global layer 3 ``decoder.layers.0``); keys are renamed to the global
+    layer index and the stages' dicts are merged, so a PP=2 checkpoint is a PP=1 checkpoint.
+    """
+    local = gather_lora_state(tower)
+    state = {_to_global(tower, key): value for key, value in local.items()}
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        parts: list[dict[str, Tensor] | None] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, state, group=parallel_state.get_pipeline_model_parallel_group())
+        state = {key: value for part in parts if part for key, value in part.items()}
+    return state
+
+
+def load_global_lora_state(tower: LLMTextEncoder, state: dict[str, Tensor]) -> None:
+    """Copy a :func:`global_lora_state` dict (any TP/PP layout) into this rank's adapters."""
+    local_of = {layer.layer_number - 1: index for index, layer in enumerate(tower.decoder.layers)}
+    mine: dict[str, Tensor] = {}
+    for key, value in state.items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            raise KeyError(f"LoRA state key {key} names no decoder layer")
+        index = local_of.get(int(match.group(1)))
+        if index is not None:  # other layers live on other pipeline stages
+            mine[f"decoder.layers.{index}.{key[match.end():]}"] = value
+    load_lora_state(tower, mine)
+
+
+def _to_global(tower: LLMTextEncoder, key: str) -> str:
+    match = _LAYER_KEY.match(key)
+    if match is None:
+        raise KeyError(f"LoRA adapter {key} is not inside a decoder layer")
+    layer = tower.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{key[match.end():]}"
+
+
+def save_lora_checkpoint(tower: LLMTextEncoder, cfg: Config, step: int, directory: str | Path) -> Path:
+    """Write ``<directory>/step<step>/lora.safetensors`` (+ ``adapter_config.json``) and point ``latest`` at it.
+
+    Collective (the state is gathered over TP and PP); rank 0 writes. The step directory is assembled under a
+    temporary name and renamed when complete, and ``latest`` is replaced last, so a crash never leaves a pointer
+    to a half-written checkpoint.
+    """
+    state = global_lora_state(tower)
+    root = Path(directory)
+    final = root / f"step{step}"
+    if dist.get_rank() == 0:
+        llm = cfg.model.llm
+        tmp = root / f".step{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / LORA_FILE), metadata={"step": str(step)})
+        meta = {
+            "step": step, "lora_rank": llm.lora_rank, "lora_alpha": llm.lora_alpha, "lora_dropout": llm.lora_dropout,
+            "lora_targets": list(llm.lora_targets), "base_checkpoint": llm.hf_checkpoint, "base_seed": llm.seed,
+            "bidirectional": llm.bidirectional, "instruction": llm.instruction,
+        }
+        (tmp / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(f"step{step}\n")
+        os.replace(pointer, root / "latest")
+    dist.barrier()
+    return final / LORA_FILE
+
+
+def resolve_lora_path(path: str | Path) -> Path:
+    """A LoRA file from a file path, a step directory, or a checkpoint root holding ``latest``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / LORA_FILE).is_file():
+        return path / LORA_FILE
+    if (path / "latest").is_file():
+        return path / (path / "latest").read_text().strip() / LORA_FILE
+    raise FileNotFoundError(f"{path}: no {LORA_FILE}, step directory or checkpoint root with 'latest'")
+
+
+def build_lora_tower(cfg: Config, dtype: torch.dtype, device: torch.device, lora: str | Path | None = None,
+                     trainable: bool = True) -> tuple[LLMTextEncoder, list[nn.Parameter]]:
+    """This rank's tower shard with LoRA adapters (``model.llm.lora_*``), loaded from ``lora`` when given."""
+    llm = cfg.model.llm
+    tower = build_text_tower(llm, params_dtype=dtype, trainable=trainable, device=device)
+    params = apply_lora(tower, llm.lora_rank, llm.lora_alpha, llm.lora_dropout, llm.lora_targets)
+    if lora is not None:
+        load_global_lora_state(tower, load_file(str(resolve_lora_path(lora))))
+    return tower, params
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def _instruction(cfg: Config) -> str | None:
+    # "auto": PairCollator picks the instruction by the pair's direction (short -> detailed or back).
+    return None if cfg.model.llm.instruction == "auto" else cfg.model.llm.instruction
+
+
+def _side(batch: dict, side: str) -> TextBatch:
+    return TextBatch(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_pool_mask"])
+
+
+def _shuffled(pairs: Iterable[CaptionPair], buffer: int, rng: random.Random) -> Iterator[CaptionPair]:
+    """Buffer shuffle: the pair files and shards come in a fixed order, and in-batch negatives should not."""
+    pool: list[CaptionPair] = []
+    for pair in pairs:
+        pool.append(pair)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from pool
+
+
+def eval_batches(cfg: Config, collate: PairCollator, dp_rank: int, dp_size: int, skips: SkipCounter) -> list[dict]:
+    """This DP rank's share of the first ``eval.max_samples`` CRA pairs (caption eval_fields[0] -> [1])."""
+    s1 = cfg.stage1
+    assert s1.eval_pairs is not None
+    pairs = iter_caption_pairs(
+        s1.eval_pairs, skips, fields=s1.eval_fields, rank=dp_rank, world_size=dp_size, seed=cfg.train.seed,
+        random_direction=False, hard_negatives=False,
+    )
+    # Pairs are dealt round-robin, so the first max_samples pairs of the split give this rank these many.
+    mine = len(range(dp_rank, cfg.eval.max_samples, dp_size))
+    return list(batch_pairs(itertools.islice(pairs, mine), collate, cfg.eval.batch_size, keep_partial=True))
+
+
+@torch.no_grad()
+def pairs_cra(tower: LLMTextEncoder, batches: list[dict], micro_batch_size: int, device: torch.device) -> dict:
+    """CRA over the pairs of every LLM-DP rank (TP/PP ranks of a replica hold the same ``batches``).
+
+    PP = 1 uses ``eval.cra.evaluate_cra``. Under PP its pipeline path pools over the attention mask (no
+    instructions), so the pairs go through grad_cache's schedule-driven ``embed_texts``, which takes pooling masks.
+    """
+    dp_group = parallel_state.get_data_parallel_group()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return evaluate_cra(tower, batches, tp_group=None, gather_group=dp_group, device=device)
+    was_training = tower.training
+    tower.eval()
+    try:
+        sides = [[embed_texts(tower, _side(b, side).to(device), micro_batch_size) for b in batches]
+                 for side in ("query", "positive")]
+    finally:
+        tower.train(was_training)
+    hidden = tower.config.hidden_size
+    local = [torch.cat(s) if s else torch.empty(0, hidden, device=device) for s in sides]
+    both, _ = all_gather_rows(torch.stack(local, dim=1), group=dp_group)
+    return {"cra": caption_retrieval_accuracy(both[:, 0], both[:, 1]), "num_pairs": float(both.shape[0])}
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip to the global norm over the whole model (TP shards and PP stages); return the norm before clipping.
+
+    A replicated LoRA matrix counts once (on TP rank 0), a TP-sharded one on every rank, and the squares are summed
+    over the model-parallel group: the norm a TP=1 x PP=1 run would compute.
+    """
+    device = params[0].device
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            total += p.grad.double().pow(2).sum()
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    norm = float(total.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def average_over_data_parallel(params: list[nn.Parameter]) -> None:
+    """Average LoRA gradients over the LLM-DP group with one flat all-reduce.
+
+    Not megatron's DistributedDataParallel: its grad buffers and its grad-clipping/optimizer companions check for
+    ``torch.cuda`` tensor types (notes/CPU_STACK.md, extras), which would need a fake-CUDA mode on CPU; the
+    trainable set is only the LoRA matrices (~0.5% of Llama-3-8B), so one bucket per step costs nothing worth
+    overlapping with backward.
+    """
+    group = parallel_state.get_data_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+class Stage1Trainer:
+    """Holds the run's tower, optimizer and data; ``run()`` trains and returns the result dict (every rank)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started = time.perf_counter()
+        validate(cfg)
+        init_distributed(cfg.parallel.backend)
+        self.topo: Topology = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+        topo = self.topo
+        # LoRA dropout masks come from the default generator: the ranks of one model replica (TP shards must agree,
+        # and PP stages replay them in pass 2) share a seed, different replicas draw different masks.
+        torch.manual_seed(cfg.train.seed * 1000 + topo.llm_dp_rank)
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.tokenizer = load_tokenizer(cfg.model.llm.tokenizer)
+        if len(self.tokenizer) > cfg.model.llm.vocab_size:
+            raise ValueError(f"model.llm.vocab_size {cfg.model.llm.vocab_size} < tokenizer vocabulary "
+                             f"{len(self.tokenizer)} ({cfg.model.llm.tokenizer})")
+        self.tower, self.params = build_lora_tower(cfg, self.dtype, topo.device)
+        self.tower.train()
+        optim = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(step, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio),
+        )
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.pairs_per_rank = cfg.train.global_batch // topo.llm_dp_size
+        self.collate = PairCollator(self.tokenizer, _instruction(cfg), cfg.data.max_text_len)
+        self.skips = SkipCounter("stage1 train pairs")
+        self.eval_skips = SkipCounter("stage1 eval pairs")
+        self._eval_batches: list[dict] | None = None
+        self.step = 0
+
+    # -- data --------------------------------------------------------------------------------------------------
+
+    def train_batches(self) -> Iterator[dict]:
+        """Endless collated batches of this DP rank's pairs; each pass over the data reshuffles (seed, epoch)."""
+        cfg, s1 = self.cfg, self.cfg.stage1
+        for epoch in itertools.count():
+            pairs = iter_caption_pairs(
+                cfg.data.train_shards, self.skips, fields=s1.fields, rank=self.topo.llm_dp_rank,
+                world_size=self.topo.llm_dp_size, seed=cfg.train.seed + epoch, random_direction=s1.random_direction,
+                hard_negatives=s1.hard_negatives, negative_window=s1.negative_window,
+            )
+            rng = random.Random(f"stage1/shuffle/{cfg.train.seed}/{epoch}/{self.topo.llm_dp_rank}")
+            produced = 0
+            for batch in batch_pairs(_shuffled(pairs, cfg.data.shuffle_buffer, rng), self.collate,
+                                     self.pairs_per_rank):
+                produced += 1
+                yield batch
+            if produced == 0:
+                raise ValueError(f"data.train_shards: fewer good pairs than one batch of {self.pairs_per_rank} "
+                                 f"per rank (skipped: {self.skips.counts})")
+
+    def evaluate(self) -> dict | None:
+        if self.cfg.stage1.eval_pairs is None:
+            return None
+        if self._eval_batches is None:
+            collate = PairCollator(self.tokenizer, _instruction(self.cfg), self.cfg.data.max_text_len)
+            self._eval_batches = eval_batches(self.cfg, collate, self.topo.llm_dp_rank, self.topo.llm_dp_size,
+                                              self.eval_skips)
+        return pairs_cra(self.tower, self._eval_batches, self.cfg.eval.batch_size, self.topo.device)
+
+    # -- one optimizer step ------------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        s1 = self.cfg.stage1
+        roles = ["query", "positive"] + (["negative"] if "negative_input_ids" in batch else [])
+        texts = concat_texts([_side(batch, role) for role in roles]).to(self.topo.device)
+        b = len(batch["groups"])
+
+        def loss_fn(embeddings: Tensor) -> Tensor:
+            parts = embeddings.split(b)
+            negatives = parts[2] if len(parts) > 2 else None
+            return simcse_loss(parts[0], parts[1], negatives, s1.temperature, group=self.dp_group)
+
+        for p in self.params:
+            p.grad = None
+        # One micro-batch holds micro_batch pairs: their query, positive and negative rows.
+        cached = grad_cache_step(self.tower, texts, loss_fn, self.cfg.train.micro_batch * len(roles))
+        average_over_data_parallel(self.params)
+        grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        loss = torch.tensor([cached.loss], dtype=torch.float64, device=self.topo.device)
+        dist.all_reduce(loss, group=self.dp_group)  # the mean of equal-size local losses = the global-batch loss
+        value = float(loss) / dist.get_world_size(self.dp_group)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite stage-1 loss {value} at step {self.step}")
+        return {"loss": value, "lr": lr, "grad_norm": grad_norm, "replay_error": cached.replay_error,
+                "micro_batches": float(cached.num_microbatches)}
+
+    # -- the run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        logger = MetricLogger(cfg.logging, cfg.train.steps, self.topo.is_main, run_name="stage1_cc")
+        result: dict = {"steps": cfg.train.steps}
+        before = self.evaluate()
+        if before is not None:
+            result["cra_before"] = before["cra"]
+            logger.log_eval(0, before)
+            log.info("CRA before training: %.4f over %d pairs", before["cra"], int(before["num_pairs"]))
+        if cfg.stage1.mntp_steps > 0:
+            from llm2clip_scale.models.llm.mntp import run_mntp
+
+            result["mntp"] = run_mntp(self, cfg.stage1.mntp_steps)
+            log.info("MNTP: %d steps, loss %.4f -> %.4f", cfg.stage1.mntp_steps, result["mntp"]["first_loss"],
+                     result["mntp"]["final_loss"])
+        train_start = time.perf_counter()
+        batches = self.train_batches()
+        losses: list[float] = []
+        replay = 0.0
+        for step in range(1, cfg.train.steps + 1):
+            step_start = time.perf_counter()
+            metrics = self.train_step(next(batches))
+            losses.append(metrics["loss"])
+            replay = max(replay, metrics["replay_error"])
+            metrics["pairs_per_s"] = cfg.train.global_batch / (time.perf_counter() - step_start)
+            logger.log_step(step, metrics)
+            if cfg.stage1.eval_interval and step % cfg.stage1.eval_interval == 0 and step < cfg.train.steps:
+                cra = self.evaluate()
+                if cra is not None:
+                    logger.log_eval(step, cra)
+                    log.info("step %d CRA %.4f", step, cra["cra"])
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
+                save_lora_checkpoint(self.tower, cfg, step, cfg.checkpoint.dir)
+        train_seconds = time.perf_counter() - train_start
+        path = save_lora_checkpoint(self.tower, cfg, cfg.train.steps, cfg.checkpoint.dir)
+        result.update(first_loss=losses[0], final_loss=losses[-1], max_replay_error=replay, checkpoint=str(path))
+        after = self.evaluate()
+        if after is not None:
+            logger.log_eval(cfg.train.steps, after)
+            result.update(cra=after["cra"], num_eval_pairs=int(after["num_pairs"]))
+        # Every DP rank reads the whole source (pairs are dealt after reading), so its counts already cover all of
+        # it; summing over ranks would count each bad sample once per rank.
+        result["skipped"] = dict(self.skips.counts)
+        result["train_seconds"] = round(train_seconds, 1)
+        result["seconds"] = round(time.perf_counter() - self.started, 1)
+        logger.close()
+        if self.topo.is_main:
+            Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.logging.dir) / "result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def train_stage1(cfg: Config) -> dict:
+    """Train stage 1 from ``cfg``; returns the final metrics (on every rank)."""
+    return Stage1Trainer(cfg).run()
+
+
+def evaluate_checkpoint_cra(cfg: Config, lora: str | Path | None = None) -> dict:
+    """CRA of the (TP x PP sharded) tower on ``stage1.eval_pairs``, with LoRA adapters from ``lora`` (a stage-1
+    checkpoint file, step directory or root) or untuned. Collective; every rank returns the same dict."""
+    if cfg.stage1.eval_pairs is None:
+        raise ValueError("stage1.eval_pairs: not set; give the CRA split (shards or pair files)")
+    validate(cfg)
+    init_distributed(cfg.parallel.backend)
+    topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    tower, _ = build_lora_tower(cfg, dtype, topo.device, lora=lora, trainable=False)
+    tokenizer = load_tokenizer(cfg.model.llm.tokenizer)
+    collate = PairCollator(tokenizer, _instruction(cfg), cfg.data.max_text_len)
+    skips = SkipCounter("cra pairs")
+    batches = eval_batches(cfg, collate, topo.llm_dp_rank, topo.llm_dp_size, skips)
+    result = pairs_cra(tower, batches, cfg.eval.batch_size, topo.device)
+    return {"cra": result["cra"], "num_pairs": int(result["num_pairs"]), "chance": 1.0 / max(result["num_pairs"], 1),
+            "lora": None if lora is None else str(resolve_lora_path(lora)), "skipped_pairs": sum(skips.counts.values())}

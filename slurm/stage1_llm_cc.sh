@@ -1,0 +1,14 @@
+#!/bin/bash
+# LLM2CLIP stage 1, caption-contrastive LoRA fine-tuning of Llama-3-8B-Instruct (TP=2, DP=4), 1 node x 8 GPUs.
+#   sbatch slurm/stage1_llm_cc.sh [dotted.overrides ...]
+# Afterwards: torchrun --nproc_per_node=8 -m llm2clip_scale cra configs/stage1_cc_llama3_8b.yaml \
+#   --lora checkpoints/stage1_cc_llama3_8b
+#SBATCH --job-name=l2c-stage1-cc
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=12:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+exec "$(dirname "$0")/launch.sh" configs/stage1_cc_llama3_8b.yaml "$@"
