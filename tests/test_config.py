@@ -78,9 +78,11 @@ def test_micro_batch_must_divide_global_batch(paths: list[str]) -> None:
 
 def test_missing_data_paths(tmp_path: Path, paths: list[str]) -> None:
     message = _problems([*paths, f"data.train_shards={tmp_path}/nope-{{0..2}}.tar"])
-    assert "data.train_shards: 3 shard(s) missing" in message
+    assert "data.train_shards: 3 of 3 file(s) missing" in message
     message = _problems([*paths, f"model.llm.tokenizer={tmp_path}/nope"])
     assert "model.llm.tokenizer:" in message and "is not a directory" in message
+    message = _problems([*paths, f"data.train_embedding_shards={tmp_path}/emb-{{0..1}}.tar"])
+    assert "data.train_embedding_shards: 2 of 2 file(s) missing" in message and "embed_captions.py" in message
 
 
 def test_adapter_input_must_match_llm_hidden(paths: list[str]) -> None:

@@ -18,7 +18,6 @@ from llm2clip_scale.data.pairs import (
     attach_hard_negatives,
     batch_pairs,
     iter_caption_pairs,
-    load_tokenizer,
     read_pair_file,
 )
 from llm2clip_scale.data.prompts import (
@@ -29,6 +28,7 @@ from llm2clip_scale.data.prompts import (
     instruction_for,
     tokenize_with_instruction,
 )
+from llm2clip_scale.data.samples import load_tokenizer
 from llm2clip_scale.data.shards import SkipCounter
 from llm2clip_scale.data.synthetic import make_sample, train_tokenizer
 from llm2clip_scale.eval.cra import caption_retrieval_accuracy

@@ -68,6 +68,15 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
+def _missing_files(field: str, pattern: str, fix: str) -> list[str]:
+    """A problem line when ``pattern`` expands to nothing or names files that do not exist, else nothing."""
+    urls = expand_shards(pattern)
+    missing = [url for url in urls if not Path(url).is_file()]
+    if urls and not missing:
+        return []
+    return [f"{field}: {len(missing)} of {len(urls)} file(s) missing, first {(missing or [pattern])[0]}; {fix}"]
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check the rules that span fields. Raises ConfigError listing every problem found."""
     world = world_size if world_size is not None else world_size_from_env()
@@ -185,25 +194,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not data.train_shards:
         problems.append("data.train_shards: empty; give a shard pattern like /data/train-{000000..000009}.tar")
     else:
-        missing = [u for u in expand_shards(data.train_shards) if not Path(u).is_file()]
-        if missing or not expand_shards(data.train_shards):
-            problems.append(
-                f"data.train_shards: {len(missing)} shard(s) missing, first {missing[:1] or [data.train_shards]}; "
-                "fix the pattern or build the shards (python data_prep/make_synthetic.py for the demo)"
-            )
+        build_hint = "fix the pattern or build the shards (python data_prep/make_synthetic.py for the demo)"
+        problems += _missing_files("data.train_shards", data.train_shards, build_hint)
     if data.eval_shards:
-        missing = [u for u in expand_shards(data.eval_shards) if not Path(u).is_file()]
-        if missing:
-            problems.append(f"data.eval_shards: {len(missing)} shard(s) missing, first {missing[0]}")
+        problems += _missing_files("data.eval_shards", data.eval_shards, "fix the pattern")
     for name in ("train_embedding_shards", "eval_embedding_shards"):
-        pattern = getattr(data, name)
-        if pattern is not None:
-            missing = [u for u in expand_shards(pattern) if not Path(u).is_file()]
-            if missing or not expand_shards(pattern):
-                problems.append(
-                    f"data.{name}: {len(missing)} sidecar shard(s) missing, first {missing[:1] or [pattern]}; "
-                    "write them with data_prep/embed_captions.py"
-                )
+        if getattr(data, name) is not None:
+            embed_hint = "write them with data_prep/embed_captions.py"
+            problems += _missing_files(f"data.{name}", getattr(data, name), embed_hint)
     if not data.caption_fields or any(w < 0 for w in data.caption_fields.values()) or not any(
         w > 0 for w in data.caption_fields.values()
     ):
@@ -236,10 +234,7 @@ def _stage1_problems(cfg: Config) -> list[str]:
     if s1.negative_window < 2:
         problems.append(f"stage1.negative_window: {s1.negative_window} must be >= 2")
     if s1.eval_pairs:
-        missing = [u for u in expand_shards(s1.eval_pairs) if not Path(u).is_file()]
-        if missing or not expand_shards(s1.eval_pairs):
-            first = missing[:1] or [s1.eval_pairs]
-            problems.append(f"stage1.eval_pairs: {len(missing)} file(s) missing, first {first}")
+        problems += _missing_files("stage1.eval_pairs", s1.eval_pairs, "fix the pattern")
     if s1.eval_interval < 0:
         problems.append("stage1.eval_interval: must be >= 0")
     if s1.mntp_steps < 0:

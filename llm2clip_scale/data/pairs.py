@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from llm2clip_scale.config.load import expand_shards
 from llm2clip_scale.data.prompts import MAX_TEXT_LEN, instruction_for, tokenize_with_instruction
@@ -267,15 +267,6 @@ def iter_caption_pairs(
 # ------------------------------------------------------------------------------------------------------ batching
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """A right-padding tokenizer with a pad token (Llama-family tokenizers ship without one; pooling reads masks)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
 class PairCollator:
     """Pairs -> tensors. Queries carry an instruction (``instruction`` if given, else one chosen by the pair's
     direction); positives and negatives are embedded as plain captions, as in LLM2Vec's supervised training.
@@ -332,7 +323,6 @@ __all__ = [
     "attach_hard_negatives",
     "batch_pairs",
     "iter_caption_pairs",
-    "load_tokenizer",
     "pairs_from_samples",
     "read_pair_file",
     "shard_source",

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
-from llm2clip_scale.data.pairs import CaptionPair, PairCollator, batch_pairs, iter_caption_pairs, load_tokenizer
+from llm2clip_scale.data.pairs import CaptionPair, PairCollator, batch_pairs, iter_caption_pairs
+from llm2clip_scale.data.samples import load_tokenizer
 from llm2clip_scale.data.shards import SkipCounter
 from llm2clip_scale.distributed.collectives import all_gather_rows
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
