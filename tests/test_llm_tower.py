@@ -55,6 +55,10 @@ def _tp1_worker() -> dict:
     junk = torch.randint(0, CFG.vocab_size, (MAIN_IDS.shape[0], extra))
     padded_ids = torch.cat([MAIN_IDS, junk], dim=1)
     padded_mask = torch.cat([MAIN_MASK, torch.zeros_like(junk)], dim=1)
+    # The same captions left-padded: each row's tokens moved behind its padding.
+    shift = [int(n) for n in (~MAIN_MASK.bool()).sum(1)]
+    left_ids = torch.stack([row.roll(k) for row, k in zip(MAIN_IDS, shift)])
+    left_mask = torch.stack([row.roll(k) for row, k in zip(MAIN_MASK, shift)])
     from megatron.core import parallel_state
 
     with torch.no_grad():
@@ -65,6 +69,9 @@ def _tp1_worker() -> dict:
             "bidir_padded": tower(padded_ids, padded_mask),
             "causal": causal(MAIN_IDS, MAIN_MASK),
             "causal_padded": causal(padded_ids, padded_mask),
+            "bidir_left": tower(left_ids, left_mask),
+            "causal_left": causal(left_ids, left_mask),
+            "left_padding_used": bool((left_mask[:, 0] == 0).any()),
             "per_rank": [tower(ids, mask) for ids, mask in RANK_CAPTIONS],
             "group_tp1": embed_local_batch(tower, *RANK_CAPTIONS[0], parallel_state.get_tensor_model_parallel_group()),
             "frozen": not any(p.requires_grad for p in tower.parameters()) and not tower.training,
@@ -141,6 +148,9 @@ def test_bidirectional_differs_from_causal_and_padding_is_invisible(tp1: dict) -
     assert diff[~longer].max() <= 1e-6
     for key in ("bidir", "causal"):
         assert (tp1[f"{key}_padded"] - tp1[key]).abs().max().item() <= 1e-6, key
+        # RoPE attention depends on relative positions only, so left padding embeds like right padding.
+        assert (tp1[f"{key}_left"] - tp1[key]).abs().max().item() <= 1e-6, key
+    assert tp1["left_padding_used"]
 
 
 def test_group_embedding_returns_each_ranks_own_captions(tp1: dict, tp2: list[dict]) -> None:

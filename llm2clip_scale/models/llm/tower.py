@@ -198,7 +198,7 @@ class LLMTextEncoder(MegatronModule):
         pool_mask: Tensor | None = None,
         return_hidden_states: bool = False,
     ) -> Tensor:
-        """Embed right-padded captions.
+        """Embed padded captions (right or left padding).
 
         ``pool_mask`` (b, L), defaulting to ``attention_mask``, selects which tokens are averaged; LLM2CLIP
         excludes instruction tokens from the mean while still letting captions attend to them. Returns
@@ -213,7 +213,8 @@ class LLMTextEncoder(MegatronModule):
         if length > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds max_seq_len {self.cfg.max_seq_len}")
         mask = self.build_attention_mask(attention_mask)
-        # RoPE positions are 0..L-1 for every row, which is why captions must be right-padded.
+        # RoPE positions are 0..L-1 for every row. Left padding still embeds like right padding: rotary attention
+        # scores depend only on relative positions, and pad keys are masked (tests/test_llm_tower.py checks it).
         rotary_pos_emb = self.rotary_pos_emb(length)
         hidden = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
         hidden = self.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary_pos_emb)
