@@ -50,7 +50,7 @@ def _pair_texts() -> dict[str, torch.Tensor]:
 
 def _random_lora(tower: torch.nn.Module) -> None:
     """Non-zero adapters (B starts at zero, which would leave every A gradient zero), drawn per global key."""
-    from llm2clip_scale.train.stage1 import global_lora_state, load_global_lora_state
+    from llm2clip_scale.checkpoint.lora import global_lora_state, load_global_lora_state
 
     state = {
         key: 0.3 * torch.randn(value.shape, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
@@ -64,8 +64,8 @@ def _grads(tower: torch.nn.Module) -> dict[str, torch.Tensor]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from llm2clip_scale.checkpoint.lora import _to_global
     from llm2clip_scale.models.llm.lora import lora_adapters
-    from llm2clip_scale.train.stage1 import _to_global
 
     grads = {}
     for name, adapter in lora_adapters(tower).items():
