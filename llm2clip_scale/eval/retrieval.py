@@ -16,7 +16,7 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
         true_scores = scores[target, target].unsqueeze(1)
         rank = (scores > true_scores).sum(dim=1)
         for k in ks:
-            metrics[f"r{k}_{direction}"] = (rank < k).float().mean().item()
+            metrics[f"r{k}_{direction}"] = round((rank < k).double().mean().item(), 6)
     metrics["chance"] = 1.0 / n
     metrics["num_samples"] = n
     return metrics

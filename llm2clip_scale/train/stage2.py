@@ -187,7 +187,7 @@ def train_stage2(cfg: Config) -> dict:
     engine.save_checkpoint(cfg.checkpoint.dir, tag=f"step{cfg.train.steps}", client_state={"step": cfg.train.steps})
     train_seconds = time.perf_counter() - started
 
-    result: dict = {"steps": cfg.train.steps, "first_loss": losses[0], "final_loss": losses[-1]}
+    result: dict = {"steps": cfg.train.steps, "first_loss": round(losses[0], 6), "final_loss": round(losses[-1], 6)}
     if cfg.data.eval_shards:
         metrics = evaluate(step_fn, cfg, topo)
         logger.log_eval(cfg.train.steps, metrics)
