@@ -11,4 +11,5 @@
 #SBATCH --time=12:00:00
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
-exec "$(dirname "$0")/launch.sh" configs/stage1_cc_llama3_8b.yaml "$@"
+# sbatch runs a spooled copy of this file, so find the repo through the submit directory.
+exec "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}/slurm/launch.sh" configs/stage1_cc_llama3_8b.yaml "$@"

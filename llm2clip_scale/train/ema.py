@@ -16,11 +16,11 @@ class EMATeacher:
     the student's full parameters on every rank, so every rank updates an identical teacher without communication.
     """
 
-    def __init__(self, module: nn.Module, momentum: float) -> None:
+    def __init__(self, module: nn.Module, momentum: float, device: torch.device | str = "cpu") -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"EMA momentum must lie in [0, 1), got {momentum}")
         self.momentum = momentum
-        self.teacher = copy.deepcopy(module).float().requires_grad_(False).eval()
+        self.teacher = copy.deepcopy(module).float().requires_grad_(False).eval().to(device)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:

@@ -10,6 +10,7 @@ import functools
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
 from llm2clip_scale.config.schema import Config
@@ -50,3 +51,23 @@ def build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
     return engine
+
+
+@torch.no_grad()
+def clamp_logit_scale(module: nn.Module) -> None:
+    """Cap the learnable temperature at ``module.logit_scale_max`` after an optimizer step, as CLIP does.
+
+    The forward clamp alone would zero the gradient once the parameter overshoots, pinning it above the cap for good;
+    clamping the stored value keeps it where gradients reach it. Under ZeRO 1/2 (and DeepSpeed's bf16 optimizer) the
+    value that persists is the fp32 master copy, so that is clamped too. ZeRO-3 is the exception: DeepSpeed 0.19's
+    ``set_full_hp_param`` cannot write a parameter with fewer elements than ranks, so there the cap holds through the
+    forward clamp only (tests/test_engine.py pins this behaviour).
+    """
+    param = module.logit_scale
+    cap = module.logit_scale_max
+    param.data.clamp_(max=cap)  # the copy the next forward reads (the master itself in plain fp32 training)
+    if hasattr(param, "ds_id"):  # ZeRO-3, see above
+        return
+    master = safe_get_full_fp32_param(param)
+    if master is not None and master.max().item() > cap:
+        safe_set_full_fp32_param(param, master.clamp(max=cap))

@@ -31,7 +31,7 @@ from llm2clip_scale.models.clip import build_clip_model
 from llm2clip_scale.models.llm.group_embed import embed_local_batch
 from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.train.ema import EMATeacher
-from llm2clip_scale.train.engine import build_engine
+from llm2clip_scale.train.engine import build_engine, clamp_logit_scale
 
 log = logging.getLogger("llm2clip_scale.train")
 
@@ -108,9 +108,13 @@ class Stage2Step:
             teacher_features = self.teacher(batch["images"].to(self.topo.device))
             loss = loss + self.self_distill_weight * self_distillation_loss(features.image, teacher_features)
         self.engine.backward(loss)
+        # Asked before step(): DeepSpeed's answer refers to the micro-step that step() is about to finish.
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        if self.teacher is not None and self.engine.is_gradient_accumulation_boundary():
-            self.teacher.update(self.engine.module.vision)
+        if boundary:
+            clamp_logit_scale(self.engine.module)
+            if self.teacher is not None:
+                self.teacher.update(self.engine.module.vision)
         return loss.item()
 
 
@@ -149,7 +153,9 @@ def train_stage2(cfg: Config) -> dict:
     text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if needs_llm(cfg) else None
     model = build_clip_model(cfg.model)
     # The teacher starts from the pretrained image encoder, before DeepSpeed casts or shards anything.
-    teacher = EMATeacher(model.vision, cfg.train.ema_momentum) if cfg.train.self_distill_weight > 0 else None
+    teacher = None
+    if cfg.train.self_distill_weight > 0:
+        teacher = EMATeacher(model.vision, cfg.train.ema_momentum, topo.device)
     engine = build_engine(model, cfg, topo.world_size, topo.device)
     loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
     step_fn = Stage2Step(engine, text_tower, topo, dtype, loss_fn, teacher, cfg.train.self_distill_weight)
@@ -176,7 +182,7 @@ def train_stage2(cfg: Config) -> dict:
         skipped_total = _sum_over_ranks(sum(skipped.values()), topo.device)
         logger.log_step(step, {
             "loss": step_loss,
-            "lr": engine.get_lr()[0],
+            "lr": max(engine.get_lr()),  # the base lr; layer-wise decay scales the trunk's groups below it
             "logit_scale": engine.module.scale().item(),
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "samples_per_s": cfg.train.global_batch / (time.perf_counter() - step_start),
