@@ -12,33 +12,19 @@ import torch
 
 from llm2clip_scale.config.schema import LLMConfig
 from tests.multiprocess import run_on_ranks
+from tests.pair_batches import INSTRUCTION_TOKENS, PAIRS, WIDTH, synthetic_pair_tokens
 
 CFG = LLMConfig(
     num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
     vocab_size=128, max_seq_len=32, seed=4321,
 )
 LORA_RANK, LORA_ALPHA, STEPS, LR = 4, 8.0, 3, 1e-3
-PAIRS, WIDTH, INSTRUCTION_TOKENS = 8, 10, 2
 
 
 def _pair_tokens() -> dict[str, torch.Tensor]:
-    """Global batch of (query, positive, negative) token rows; queries carry a 2-token 'instruction' left unpooled.
-
-    A positive shares two tokens with its query and its hard negative all but three with the positive, so the
-    loss starts well above zero and three steps move it without driving it to zero.
-    """
-    gen = torch.Generator().manual_seed(7)
-    lengths = torch.randint(5, WIDTH + 1, (3, PAIRS), generator=gen)
-    query = torch.randint(0, CFG.vocab_size, (PAIRS, WIDTH), generator=gen)
-    positive = torch.randint(0, CFG.vocab_size, (PAIRS, WIDTH), generator=gen)
-    positive[:, 1:3] = query[:, 2:4]
-    negative = positive.clone()
-    negative[:, 3:6] = torch.randint(0, CFG.vocab_size, (PAIRS, 3), generator=gen)
-    masks = (torch.arange(WIDTH)[None, None, :] < lengths[:, :, None]).long()
-    pool = masks.clone()
-    pool[0, :, :INSTRUCTION_TOKENS] = 0
-    return {"ids": torch.cat([query, positive, negative]), "mask": masks.reshape(-1, WIDTH),
-            "pool": pool.reshape(-1, WIDTH)}
+    """Global batch of (query, positive, negative) token rows, flattened to (3 * PAIRS, WIDTH)."""
+    ids, mask, pool = synthetic_pair_tokens(CFG.vocab_size, seed=7)
+    return {"ids": ids.reshape(-1, WIDTH), "mask": mask.reshape(-1, WIDTH), "pool": pool.reshape(-1, WIDTH)}
 
 
 def _train(dropout: float, split: bool, loss_group: object) -> dict:

@@ -17,13 +17,13 @@ from llm2clip_scale.config import load_config
 from llm2clip_scale.config.schema import LLMConfig
 from llm2clip_scale.data.synthetic import SyntheticParams, build_synthetic_dataset
 from tests.multiprocess import run_on_ranks
+from tests.pair_batches import PAIRS, WIDTH, synthetic_pair_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = LLMConfig(
     num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
     vocab_size=128, max_seq_len=32, seed=4321,
 )
-PAIRS, WIDTH, INSTRUCTION_TOKENS = 8, 10, 2
 MICRO_ROWS = 4  # 3 x 8 rows -> 6 micro-batches (3 per DP rank at DP=2)
 DROPOUT = 0.1
 STEPS = 16  # of the 2-rank synthetic run
@@ -34,18 +34,8 @@ STEPS = 16  # of the 2-rank synthetic run
 
 def _pair_texts() -> dict[str, torch.Tensor]:
     """The global batch: queries (with a 2-token unpooled 'instruction'), positives and hard negatives, (8, 10) each."""
-    gen = torch.Generator().manual_seed(11)
-    lengths = torch.randint(5, WIDTH + 1, (3, PAIRS), generator=gen)
-    query = torch.randint(0, CFG.vocab_size, (PAIRS, WIDTH), generator=gen)
-    positive = torch.randint(0, CFG.vocab_size, (PAIRS, WIDTH), generator=gen)
-    positive[:, 1:3] = query[:, 2:4]
-    negative = positive.clone()
-    negative[:, 3:6] = torch.randint(0, CFG.vocab_size, (PAIRS, 3), generator=gen)
-    masks = (torch.arange(WIDTH)[None, None, :] < lengths[:, :, None]).long()
-    pool = masks.clone()
-    pool[0, :, :INSTRUCTION_TOKENS] = 0
-    ids = torch.stack([query, positive, negative])
-    return {"ids": ids * masks, "mask": masks, "pool": pool}  # (3, PAIRS, WIDTH) each
+    ids, mask, pool = synthetic_pair_tokens(CFG.vocab_size, seed=11)
+    return {"ids": ids * mask, "mask": mask, "pool": pool}  # (3, PAIRS, WIDTH) each
 
 
 def _random_lora(tower: torch.nn.Module) -> None:
