@@ -29,7 +29,34 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--print", action="store_true", help="print the merged config as YAML")
     env = commands.add_parser("env", help="print versions, devices and which fused kernels are active, and why")
     env.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    inspect = commands.add_parser("inspect", help="a checkpoint's step, config, layout, files and integrity")
+    inspect.add_argument("checkpoint", help="a step directory, or a checkpoint root (its 'latest' is shown)")
+    inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    inspect.add_argument("--no-verify", action="store_true", help="skip the checksum pass over every file")
+    inspect.add_argument("--config", action="store_true", help="also print the run's full config")
     return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from llm2clip_scale.checkpoint.layout import CheckpointError, describe
+
+    try:
+        report = describe(args.checkpoint, verify=not args.no_verify)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+        return 0 if report.get("integrity", "ok") == "ok" else 1
+    config = report.pop("config")
+    problems = report.pop("problems", [])
+    for key, value in report.items():
+        print(f"{key:>13}: {value}")
+    for problem in problems:
+        print(f"      problem: {problem}")
+    if args.config:
+        print(json.dumps(config, indent=2))
+    return 0 if not problems else 1
 
 
 def _env(as_json: bool) -> int:
@@ -60,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options (``validate cfg.yaml --world-size 4 train.lr=1``): collect the leftovers too.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-")]
-    if unknown or (args.command == "env" and extra):
+    if unknown or (args.command in ("env", "inspect") and extra):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if args.command == "env":  # needs no config
         return _env(args.json)
+    if args.command == "inspect":
+        return _inspect(args)
     args.overrides = [*args.overrides, *extra]
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     logging.basicConfig(
@@ -86,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "cra":
-        from llm2clip_scale.train.stage1 import evaluate_checkpoint_cra
+        from llm2clip_scale.train.llm2clip_cc import evaluate_checkpoint_cra
 
         result = evaluate_checkpoint_cra(cfg, args.lora)
     else:

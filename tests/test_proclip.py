@@ -80,7 +80,7 @@ def _overrides(data: Path, ref: Path, run_dir: Path, steps: int) -> list[str]:
 def _stage1(overrides: list[str]) -> dict:
     from llm2clip_scale.train import run_training
 
-    return run_training(load_config(REPO / "configs" / "proclip_stage1_tiny.yaml", overrides))
+    return run_training(load_config(REPO / "configs" / "proclip_inherit_tiny.yaml", overrides))
 
 
 def _stage2(overrides: list[str]) -> dict:
@@ -138,11 +138,11 @@ def test_stage1_trains_and_stage2_starts_from_its_adapter(
     ref, _ = reference
     steps = 12
     results = run_on_ranks(_stage1, 2, _overrides(dataset, ref, tmp_path / "s1", steps))
-    losses = _scalars(tmp_path / "s1" / "logs" / "proclip_stage1", "train/loss")
+    losses = _scalars(tmp_path / "s1" / "logs" / "proclip_inherit", "train/loss")
     assert len(losses) == steps
     assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
-    ins = _scalars(tmp_path / "s1" / "logs" / "proclip_stage1", "train/l_ins")
-    struct = _scalars(tmp_path / "s1" / "logs" / "proclip_stage1", "train/l_struct")
+    ins = _scalars(tmp_path / "s1" / "logs" / "proclip_inherit", "train/l_ins")
+    struct = _scalars(tmp_path / "s1" / "logs" / "proclip_inherit", "train/l_struct")
     assert losses[0] == pytest.approx(ins[0] + struct[0], rel=1e-6)  # both weights are 1.0
     for key in ("cos_agreement", "r1_s2t", "final_loss"):
         assert results[0][key] == results[1][key]  # every rank reports the same metrics
@@ -191,7 +191,7 @@ def test_stage1_config_is_validated(dataset: Path, tmp_path: Path) -> None:
     base = [f"data.train_shards={dataset}/train-000000.tar", f"model.llm.tokenizer={dataset}/tokenizer",
             "data.eval_shards=null"]
     with pytest.raises(ConfigError, match="proclip.teacher_text"):
-        validate(load_config(REPO / "configs" / "proclip_stage1_tiny.yaml",
+        validate(load_config(REPO / "configs" / "proclip_inherit_tiny.yaml",
                              [*base, f"proclip.teacher_text={tmp_path}/none"]), world_size=2)
     with pytest.raises(ConfigError, match="model.adapter_init"):
         validate(load_config(REPO / "configs" / "tiny_cpu.yaml",
@@ -199,7 +199,7 @@ def test_stage1_config_is_validated(dataset: Path, tmp_path: Path) -> None:
 
 
 def test_agreement_metrics() -> None:
-    from llm2clip_scale.train.proclip_stage1 import agreement_metrics
+    from llm2clip_scale.train.proclip_inherit import agreement_metrics
 
     teacher = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
     perfect = agreement_metrics(3.0 * teacher, teacher)  # scale does not matter: both sides are normalised

@@ -54,14 +54,14 @@ def _grads(tower: torch.nn.Module) -> dict[str, torch.Tensor]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from llm2clip_scale.checkpoint.lora import _to_global
+    from llm2clip_scale.checkpoint.lora import global_lora_key
     from llm2clip_scale.models.llm.lora import lora_adapters
 
     grads = {}
     for name, adapter in lora_adapters(tower).items():
         for which, table in (("A", adapter.A), ("B", adapter.B)):
             for target, param in table.items():
-                grads[_to_global(tower, f"{name}.{which}.{target}")] = param.grad.detach().clone()
+                grads[global_lora_key(tower, f"{name}.{which}.{target}")] = param.grad.detach().clone()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         parts: list = [None] * parallel_state.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(parts, grads, group=parallel_state.get_pipeline_model_parallel_group())
@@ -78,7 +78,7 @@ def _grad_cache_phase(tp: int, pp: int) -> dict:
     from llm2clip_scale.models.llm.lora import apply_lora, lora_adapters
     from llm2clip_scale.models.llm.tower import build_text_tower
     from llm2clip_scale.train.grad_cache import TextBatch, grad_cache_step, split_micro_batches
-    from llm2clip_scale.train.stage1 import average_over_data_parallel, pairs_cra
+    from llm2clip_scale.train.llm2clip_cc import average_over_data_parallel, pairs_cra
 
     topo = build_topology(tp, pp)
     tower = build_text_tower(CFG, trainable=True)
@@ -243,7 +243,7 @@ def _run_overrides(data: Path, run_dir: Path) -> list[str]:
         "train.micro_batch=4",  # 8 pairs per DP rank -> 2 cached micro-batches of 12 rows
         "data.max_text_len=64",
         "optim.lr=2.0e-3",
-        "stage1.eval_interval=0",
+        "eval.interval=0",
         "eval.max_samples=64",
         f"checkpoint.dir={run_dir}/ckpt",
         f"logging.dir={run_dir}/logs",
@@ -254,11 +254,16 @@ def _run_overrides(data: Path, run_dir: Path) -> list[str]:
 
 def _stage1_worker(overrides: list[str]) -> dict:
     from llm2clip_scale.train.grad_cache import TextBatch
-    from llm2clip_scale.train.stage1 import Stage1Trainer, build_lora_tower, evaluate_checkpoint_cra
+    from llm2clip_scale.train.llm2clip_cc import (
+        LLM2CLIPCaptionContrastiveTask,
+        build_lora_tower,
+        evaluate_checkpoint_cra,
+    )
+    from llm2clip_scale.train.loop import run
 
-    cfg = load_config(REPO / "configs" / "stage1_cc_tiny.yaml", overrides)
-    trainer = Stage1Trainer(cfg)
-    result = trainer.run()
+    cfg = load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml", overrides)
+    trainer = LLM2CLIPCaptionContrastiveTask()
+    result = run(cfg, trainer)
     batch = trainer._eval_batches[0]
     texts = TextBatch(batch["query_input_ids"][:8], batch["query_attention_mask"][:8], batch["query_pool_mask"][:8])
     trainer.tower.eval()
@@ -278,7 +283,7 @@ def _stage1_worker(overrides: list[str]) -> dict:
 def _losses(log_dir: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(log_dir / "stage1_cc"))
+    events = EventAccumulator(str(log_dir / "llm2clip_cc"))
     events.Reload()
     return [event.value for event in events.Scalars("train/loss")]
 
@@ -302,9 +307,9 @@ def test_two_rank_stage1_learns_and_checkpoint_reloads(dataset: Path, tmp_path: 
 
 
 def _mntp_worker(overrides: list[str]) -> dict:
-    from llm2clip_scale.train.stage1 import train_stage1
+    from llm2clip_scale.train.llm2clip_cc import train_llm2clip_cc
 
-    return train_stage1(load_config(REPO / "configs" / "stage1_cc_tiny.yaml", overrides))
+    return train_llm2clip_cc(load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml", overrides))
 
 
 def test_two_rank_mntp_pre_step_lowers_its_loss(dataset: Path, tmp_path: Path) -> None:
@@ -322,7 +327,7 @@ def test_stage1_config_rules() -> None:
 
     def problems(*overrides: str, world: int = 4) -> str:
         with pytest.raises(ConfigError) as err:
-            validate(load_config(REPO / "configs" / "stage1_cc_tiny.yaml", list(overrides)), world)
+            validate(load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml", list(overrides)), world)
         return str(err.value)
 
     message = problems("model.llm.lora_rank=0", "stage1.temperature=0", "stage1.fields=[short,short]",
@@ -331,7 +336,7 @@ def test_stage1_config_rules() -> None:
                   "stage1.eval_pairs"):
         assert field in message
     # The batch splits over LLM data parallelism only: 4 ranks at TP=2 are 2 replicas, so 16 = 8 x 2 is fine ...
-    ok = load_config(REPO / "configs" / "stage1_cc_tiny.yaml",
+    ok = load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml",
                      ["parallel.tensor_parallel=2", "train.global_batch=16", "train.micro_batch=8"])
     try:
         validate(ok, 4)

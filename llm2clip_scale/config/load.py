@@ -15,7 +15,9 @@ from llm2clip_scale.config.schema import Config
 # Mirrors llm2clip_scale.losses.LOSS_NAMES (config stays free of torch imports; tests/test_config.py checks they agree).
 LOSS_NAMES = ("infonce", "infonce_tiled", "siglip")
 # Stages llm2clip_scale.train.run_training dispatches on.
-STAGES = ("stage2", "proclip_stage1", "stage1_cc")
+STAGES = ("llm2clip_cc", "proclip_inherit", "stage2")
+# Earlier names of the two "stage 1"s, refused with the new name so old configs fail with a fix, not a guess.
+RENAMED_STAGES = {"stage1_cc": "llm2clip_cc", "proclip_stage1": "proclip_inherit"}
 
 
 class ConfigError(ValueError):
@@ -103,7 +105,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     if train.micro_batch < 1 or train.global_batch < 1:
         problems.append("train.micro_batch/global_batch: must be >= 1")
-    elif train.stage == "stage1_cc":
+    elif train.stage == "llm2clip_cc":
         # Megatron layout: pairs split over LLM data parallelism only; TP/PP ranks of a group share the batch.
         dp = max(world // max(par.tensor_parallel * par.pipeline_parallel, 1), 1)
         if train.global_batch % (train.micro_batch * dp) != 0:
@@ -116,7 +118,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.global_batch: {train.global_batch} is not a multiple of micro_batch ({train.micro_batch}) x "
             f"world size ({world}) = {train.micro_batch * world}; set global_batch to a multiple of it"
         )
-    if train.stage not in STAGES:
+    if train.stage in RENAMED_STAGES:
+        problems.append(f"train.stage: {train.stage!r} was renamed; use {RENAMED_STAGES[train.stage]!r}")
+    elif train.stage not in STAGES:
         problems.append(f"train.stage: {train.stage!r} unknown; use one of {', '.join(STAGES)}")
     if train.loss not in LOSS_NAMES:
         problems.append(f"train.loss: {train.loss!r} unknown; use one of {', '.join(LOSS_NAMES)}")
@@ -171,7 +175,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         value = getattr(model, name)
         if value is not None and not Path(value).is_file():
             problems.append(f"model.{name}: {value} is not a file; run the step that writes it first")
-    if train.stage == "proclip_stage1":
+    if train.stage == "proclip_inherit":
         teacher = cfg.proclip.teacher_text
         if not teacher or not (Path(teacher) / "config.json").is_file():
             problems.append(
@@ -188,8 +192,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 "partitions; use zero_stage <= 2 (the adapter is small)"
             )
 
-    if train.stage == "stage1_cc":
+    if train.stage == "llm2clip_cc":
         problems.extend(_stage1_problems(cfg))
+    problems.extend(_run_problems(cfg))
 
     if not data.train_shards:
         problems.append("data.train_shards: empty; give a shard pattern like /data/train-{000000..000009}.tar")
@@ -217,8 +222,32 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def _run_problems(cfg: Config) -> list[str]:
+    """Checkpointing, resume, evaluation cadence and the loader's shuffle blocks."""
+    problems: list[str] = []
+    ckpt, train = cfg.checkpoint, cfg.train
+    if not ckpt.dir:
+        problems.append("checkpoint.dir: empty; give the directory checkpoints are written to and resumed from")
+    if ckpt.interval < 0:
+        problems.append("checkpoint.interval: must be >= 0 (0 saves only at the end)")
+    if ckpt.keep_last < 0:
+        problems.append("checkpoint.keep_last: must be >= 0 (0 keeps every checkpoint)")
+    if cfg.eval.interval < 0:
+        problems.append("eval.interval: must be >= 0 (0 evaluates only at the end)")
+    if train.max_consecutive_skipped_steps < 1:
+        problems.append("train.max_consecutive_skipped_steps: must be >= 1")
+    if cfg.data.shuffle_block_shards < 1:
+        problems.append("data.shuffle_block_shards: must be >= 1")
+    if train.resume not in ("auto", "none") and not Path(train.resume).is_dir():
+        problems.append(
+            f"train.resume: {train.resume!r} is neither auto, none, nor an existing checkpoint directory; "
+            "give a step directory (…/step1000) or a checkpoint root holding 'latest'"
+        )
+    return problems
+
+
 def _stage1_problems(cfg: Config) -> list[str]:
-    """Rules of LLM2CLIP stage 1 (train.stage=stage1_cc)."""
+    """Rules of LLM2CLIP stage 1 (train.stage=llm2clip_cc)."""
     problems: list[str] = []
     s1, llm = cfg.stage1, cfg.model.llm
     if llm.lora_rank < 1:
@@ -235,8 +264,6 @@ def _stage1_problems(cfg: Config) -> list[str]:
         problems.append(f"stage1.negative_window: {s1.negative_window} must be >= 2")
     if s1.eval_pairs:
         problems += _missing_files("stage1.eval_pairs", s1.eval_pairs, "fix the pattern")
-    if s1.eval_interval < 0:
-        problems.append("stage1.eval_interval: must be >= 0")
     if s1.mntp_steps < 0:
         problems.append("stage1.mntp_steps: must be >= 0")
     if not 0.0 < s1.mntp_probability < 1.0:

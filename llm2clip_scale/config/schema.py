@@ -100,6 +100,9 @@ class DataConfig:
     max_text_len: int = 128  # tokens per caption after truncation (LLM2CLIP uses up to 512)
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    # Shards per shuffle block: each worker's stream is a sequence of blocks of this many resampled shards, shuffled
+    # within the block; exact resume re-reads at most one block (without decoding images) to find its place.
+    shuffle_block_shards: int = 4
     augment: str = "none"  # none | random_resized_crop
     image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -124,6 +127,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # llm2clip_cc: LLM2CLIP stage 1 (caption-contrastive LoRA tuning of the LLM); proclip_inherit: ProCLIP stage 1
+    # (representation inheritance into the adapter); stage2: CLIP training against the frozen LLM (LLM2CLIP stage 2,
+    # and ProCLIP stage 2 with self_distill_weight > 0).
     stage: str = "stage2"
     steps: int = 1000
     warmup_steps: int = 100
@@ -138,12 +144,21 @@ class TrainConfig:
     self_distill_weight: float = 0.0
     ema_momentum: float = 0.999
     seed: int = 0
+    # auto: continue from the newest complete checkpoint under checkpoint.dir (start fresh when there is none);
+    # none: always start fresh; or a checkpoint path (a step directory, or a checkpoint root with 'latest').
+    resume: str = "auto"
+    # A step whose loss or gradient is not finite is skipped (weights, optimizer and lr schedule untouched); this
+    # many skipped steps in a row stop the run with an error, leaving the last good checkpoint as it is.
+    max_consecutive_skipped_steps: int = 5
 
 
 @dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
     interval: int = 0  # steps between saves; 0 saves only at the end
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted after a newer one is committed); 0 = all
+    async_save: bool = True  # write in a background thread while training continues (one save in flight at most)
+    verify_on_load: bool = True  # check every file's size and sha256 against the manifest before resuming
 
 
 @dataclass
@@ -158,11 +173,12 @@ class LoggingConfig:
 class EvalConfig:
     max_samples: int = 1000
     batch_size: int = 64  # per rank
+    interval: int = 0  # steps between evaluations during training (0: only at the end); stage-specific metrics
 
 
 @dataclass
 class ProCLIPConfig:
-    """ProCLIP stage 1 (train.stage=proclip_stage1): distil a frozen CLIP text encoder into the LLM adapter."""
+    """ProCLIP stage 1 (train.stage=proclip_inherit): distil a frozen CLIP text encoder into the LLM adapter."""
 
     # HF CLIPTextModelWithProjection directory with its tokenizer (data_prep/train_reference_clip.py writes one
     # to <out>/text); its projection_dim must equal model.embed_dim.
@@ -173,7 +189,7 @@ class ProCLIPConfig:
 
 @dataclass
 class Stage1Config:
-    """LLM2CLIP stage 1 (train.stage=stage1_cc): caption-contrastive LoRA fine-tuning of the LLM (supervised SimCSE).
+    """LLM2CLIP stage 1 (train.stage=llm2clip_cc): caption-contrastive LoRA fine-tuning of the LLM (supervised SimCSE).
 
     Training pairs come from data.train_shards (webdataset shards: two caption fields of one image; or .jsonl/.csv
     pair files); train.global_batch pairs per step over the LLM data-parallel group, embedded train.micro_batch
@@ -188,7 +204,6 @@ class Stage1Config:
     # Caption-retrieval accuracy (CRA) split: caption eval_fields[0] of each image queries all eval_fields[1]s.
     eval_pairs: str | None = None  # shards or pair files; None = no CRA
     eval_fields: list[str] = field(default_factory=lambda: ["short", "long"])
-    eval_interval: int = 0  # steps between CRA evaluations (0: before and after training only)
     # Optional MNTP pre-step (masked next-token prediction, LLM2Vec): steps of it before SimCSE; 0 = off.
     mntp_steps: int = 0
     mntp_probability: float = 0.2  # share of caption tokens masked

@@ -26,6 +26,7 @@ collation in :mod:`llm2clip_scale.data.samples`; the public names are re-exporte
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -48,6 +49,8 @@ from llm2clip_scale.data.samples import (
 )
 from llm2clip_scale.data.shards import (
     MAX_CONSECUTIVE_SKIPS,
+    SKIPPED_KEY,
+    WORKER_KEY,
     SkipCounter,
     SkipTally,
     paired_shard_list,
@@ -72,6 +75,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("llm2clip_scale.data")
+STATE_KEY = "__stream_state__"
 
 
 # ------------------------------------------------------------------------------------------------------- datasets
@@ -91,8 +95,30 @@ def _source_stages(shards: list[tuple[str, str | None]], skips: SkipCounter) -> 
     return [partial(_with_sidecars, sidecars=sidecars), partial(read_paired_shards, skips=skips)]
 
 
+def _random_state(state: list | tuple) -> tuple:
+    # The DataLoader's batch conversion turns the stamped tuples into lists; random.setstate wants tuples back.
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+class _Cursor:
+    """Where a worker's raw stream stands: shard block, and raw samples of it already taken (bad ones included)."""
+
+    def __init__(self, block: int, offset: int) -> None:
+        self.block, self.offset = block, offset
+
+
 class _TrainStream(IterableDataset):
-    """One rank's infinite stream of training batches; built fresh in each worker so seeds see the worker id."""
+    """One rank's infinite stream of training batches; built fresh in each worker so seeds see the worker id.
+
+    Exact resume without replaying the run: the stream is cut into blocks of ``data.shuffle_block_shards`` shards.
+    Block ``k`` of a worker's stream draws its shards and its shuffle order from seeds of (seed, rank, worker, pass,
+    k) alone, and the shuffle buffer drains at the block's end, so a position is just (block, raw samples taken from
+    it). Every batch carries the position after its last sample, the caption/augmentation RNG states and the skip
+    counts at that moment; a resumed worker re-reads at most one block up to the position without decoding images,
+    then restores the RNGs and counts. (webdataset's ResampledShards and shuffle keep their state in the iterator,
+    which cannot be saved or fast-forwarded, hence the hand-written draw.)
+    """
 
     def __init__(
         self,
@@ -112,38 +138,62 @@ class _TrainStream(IterableDataset):
         self.max_text_len, self.embedding_dim = max_text_len, embedding_dim
         self.offline = shards[0][1] is not None
         self.pass_index = 0  # which iter() of the TrainLoader this is; part of every seed
+        # Set by TrainLoader.load_state_dict before workers start: saved worker states by logical worker id, and
+        # the rotation that makes physical worker 0 continue the logical worker whose batch comes next.
+        self.resume_states: dict[int, dict] = {}
+        self.worker_rotation = 0
+        self.num_logical_workers = 1
+
+    def _raw_samples(self, stream: tuple, cursor: _Cursor, skips: SkipCounter) -> Iterator[dict]:
+        """Samples of blocks ``cursor.block``, ``+1``, …; ``cursor`` advances as each sample is taken."""
+        cfg = self.cfg
+        sidecars = {image: sidecar for image, sidecar in self.shards}
+        urls = list(sidecars)
+        for block in itertools.count(cursor.block):
+            draw = seeded("shards", *stream, block)
+            sources = [{"url": url, "sidecar": sidecars[url]} for url in draw.choices(urls, k=cfg.shuffle_block_shards)]
+            samples: Iterator[dict] = read_paired_shards(sources, skips)  # plain shards pass through (sidecar None)
+            if cfg.shuffle_buffer > 1:
+                samples = wds.shuffle(cfg.shuffle_buffer, rng=seeded("shuffle", *stream, block))(samples)
+            cursor.block, cursor.offset = block, 0
+            for sample in samples:
+                cursor.offset += 1
+                yield sample
 
     def __iter__(self) -> Iterator[dict]:
-        worker = worker_id()
+        worker = (worker_id() + self.worker_rotation) % self.num_logical_workers
         label = f"train data rank {self.rank} worker {worker}"
         skips = SkipCounter(label, MAX_CONSECUTIVE_SKIPS)
         stream = (self.seed, self.rank, worker, self.pass_index)
-        shard_seed = seeded("shards", *stream).getrandbits(62)
         cfg = self.cfg
-        urls = [image for image, _ in self.shards]
-        stages: list = [
-            wds.ResampledShards(urls, seed=self.seed, worker_seed=lambda: shard_seed, deterministic=True),
-            *_source_stages(self.shards, skips),
-        ]
-        if cfg.shuffle_buffer > 1:
-            stages.append(wds.shuffle(cfg.shuffle_buffer, rng=seeded("shuffle", *stream)))
-        rng = seeded("augment", *stream)
-        transform = ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, rng)
         captions_rng = seeded("captions", *stream)
+        augment_rng = seeded("augment", *stream)
+        saved = self.resume_states.get(worker)
+        cursor = _Cursor(saved["block"] if saved else 0, 0)
+        raw = self._raw_samples(stream, cursor, skips)
+        if saved:
+            # Fast-forward: re-read the block up to the saved position (no image decoding), then take the saved
+            # RNG states and counts, which already include everything the skipped samples did.
+            for _ in itertools.islice(raw, saved["offset"]):
+                pass
+            captions_rng.setstate(_random_state(saved["captions_rng"]))
+            augment_rng.setstate(_random_state(saved["augment_rng"]))
+            skips.counts = dict(saved["skips"])
+        transform = ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, augment_rng)
         embeddings = EmbeddingDecoder(self.embedding_dim, label) if self.offline else None
-        stages.append(
-            partial(
-                train_examples,
-                weights=dict(cfg.caption_fields),
-                transform=transform,
-                rng=captions_rng,
-                skips=skips,
-                embeddings=embeddings,
-            )
-        )
+        examples = train_examples(raw, dict(cfg.caption_fields), transform, captions_rng, skips, embeddings)
         collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker, skips)
-        stages.append(partial(batched, batch_size=self.micro_batch, collate=collate, keep_partial=False))
-        return iter(wds.DataPipeline(*stages))
+
+        def state() -> dict:
+            return {"block": cursor.block, "offset": cursor.offset, "captions_rng": captions_rng.getstate(),
+                    "augment_rng": augment_rng.getstate(), "skips": skips.snapshot()}
+
+        # No look-ahead between batches (unlike the eval stream's ``batched``): the state stamped on a batch must be
+        # the one right after its last sample, or a resumed stream would skip or repeat samples.
+        while True:
+            batch = collate(list(itertools.islice(examples, self.micro_batch)))
+            batch[STATE_KEY] = state()
+            yield batch
 
 
 class _EvalStream(IterableDataset):
@@ -197,10 +247,12 @@ class _EvalStream(IterableDataset):
 
 
 class TrainLoader:
-    """Infinite iterable of training batches for one rank.
+    """Infinite iterable of training batches for one rank, resumable to the exact batch.
 
     A fresh loader with the same (seed, rank, num_workers) yields the same batches; each further ``iter()`` of one
     loader starts new workers on a new deterministic stream (seeds include the pass number), never a replay.
+    ``state_dict()`` describes the position after the batches consumed so far; a new loader given it through
+    ``load_state_dict()`` yields exactly the batches that would have come next (same num_workers required).
 
     Batch keys: ``images`` float32 (b,3,H,W), ``input_ids`` and ``attention_mask`` long (b,L) (online) or
     ``llm_embeddings`` float32 (b,d) (offline), ``keys``, ``captions``, ``caption_fields`` (lists of str) and
@@ -212,15 +264,53 @@ class TrainLoader:
         self.num_workers = num_workers
         self.label = label
         self._passes = 0
+        self._consumed = 0  # batches handed out in the current pass
+        self._worker_states: dict[int, dict] = {}
+        dataset.num_logical_workers = max(num_workers, 1)
 
     def __iter__(self) -> Iterator[dict]:
         tally = SkipTally(self.label)
+        for worker, saved in self._worker_states.items():
+            tally.absorb({WORKER_KEY: worker, SKIPPED_KEY: saved["skips"]})
+        logical = max(self.num_workers, 1)
         # A second iter() continues with fresh seeds rather than replaying the first pass (set before workers fork).
         self.dataset.pass_index = self._passes
+        self.dataset.resume_states = dict(self._worker_states)
+        self.dataset.worker_rotation = self._consumed % logical
         self._passes += 1
         seed = seeded("dataloader", self.dataset.seed, self.dataset.rank, self.dataset.pass_index).getrandbits(63)
         for batch in _data_loader(self.dataset, self.num_workers, seed):
+            state = batch.pop(STATE_KEY)
+            worker = int(batch[WORKER_KEY])
+            self._worker_states[worker] = state
+            self._consumed += 1
             yield tally.absorb(batch)
+
+    def state_dict(self) -> dict:
+        return {"pass_index": self._passes - 1 if self._passes else 0, "consumed": self._consumed,
+                "num_workers": self.num_workers, "workers": {w: dict(s) for w, s in self._worker_states.items()}}
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far by reason, over all workers (as of the last batch handed out)."""
+        totals: dict[str, int] = {}
+        for state in self._worker_states.values():
+            for reason, count in state["skips"].items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    def start_fresh_pass(self) -> None:
+        """Resume without a saved position (the layout changed): new seeds, so the first batches are not replayed."""
+        self._passes = max(self._passes, 1)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_workers"] != self.num_workers:
+            raise ValueError(
+                f"{self.label}: the checkpoint's loader ran {state['num_workers']} workers, this run has "
+                f"data.num_workers={self.num_workers}; exact data resume needs the same count, so set it back"
+            )
+        self._passes = state["pass_index"]
+        self._consumed = state["consumed"]
+        self._worker_states = {int(w): dict(s) for w, s in state["workers"].items()}
 
 
 class EvalLoader:

@@ -50,7 +50,30 @@ def build_engine(
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
+    if isinstance(engine.optimizer, torch.optim.Optimizer) and not hasattr(engine.optimizer, "overflow"):
+        _skip_non_finite_steps(engine.optimizer)
     return engine
+
+
+def _skip_non_finite_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Give DeepSpeed's plain-optimizer path (ZeRO-0 in fp32) the overflow check its other optimizers have.
+
+    ZeRO 1-3 and the bf16 optimizer find non-finite gradients themselves, skip the update and report ``overflow``,
+    and the engine then leaves the lr schedule alone and ``was_step_applied()`` is False. A bare torch optimizer gets
+    no such check, so this wrapper sets ``overflow`` the same way (gradients are already averaged over ranks when
+    the engine steps, so every rank decides alike) and steps only when all gradients are finite.
+    """
+    step = optimizer.step
+
+    def guarded_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer.overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+        if not optimizer.overflow:
+            return step(*args, **kwargs)
+        return None
+
+    optimizer.overflow = False
+    optimizer.step = guarded_step
 
 
 @torch.no_grad()

@@ -7,33 +7,33 @@ The path of one batch, top to bottom:
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from llm2clip_scale.config.load import validate
+from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
 from llm2clip_scale.distributed.collectives import gather_in_sample_order
-from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
+from llm2clip_scale.distributed.topology import Topology
 from llm2clip_scale.eval.retrieval import retrieval_recall
 from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
 from llm2clip_scale.losses.proclip import self_distillation_loss
-from llm2clip_scale.metrics.logger import MetricLogger
 from llm2clip_scale.models.clip import build_clip_model
 from llm2clip_scale.models.llm.group_embed import embed_local_batch
 from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.train.ema import EMATeacher
 from llm2clip_scale.train.engine import build_engine, clamp_logit_scale
+from llm2clip_scale.train.loop import run
+from llm2clip_scale.train.task import StepOutput
 
 log = logging.getLogger("llm2clip_scale.train")
+
+EMA_FILE = "shared/ema_teacher.safetensors"
 
 
 def _check_tokenizer_fits(cfg: Config) -> None:
@@ -138,83 +138,81 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
     return retrieval_recall(all_images.cpu(), all_texts.cpu())
 
 
+class Stage2Task:
+    """Stage 2 for the one loop (train/loop.py): vision tower + adapter + logit scale under DeepSpeed."""
+
+    name = "stage2"
+
+    def build(self, cfg: Config, topo: Topology) -> None:
+        if needs_llm(cfg):
+            _check_tokenizer_fits(cfg)
+        self.cfg, self.topo = cfg, topo
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if needs_llm(cfg) else None
+        model = build_clip_model(cfg.model)
+        # The teacher starts from the pretrained image encoder, before DeepSpeed casts or shards anything.
+        self.teacher = None
+        if cfg.train.self_distill_weight > 0:
+            self.teacher = EMATeacher(model.vision, cfg.train.ema_momentum, topo.device)
+        self.engine = build_engine(model, cfg, topo.world_size, topo.device)
+        loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
+        self.step_fn = Stage2Step(self.engine, text_tower, topo, dtype, loss_fn, self.teacher,
+                                  cfg.train.self_distill_weight)
+        self.loader = build_train_loader(
+            cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
+            topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
+        )
+
+    def before_training(self) -> dict:
+        return {}
+
+    def batches(self) -> Iterator[list[dict]]:
+        accumulation = self.engine.gradient_accumulation_steps()
+        stream = iter(self.loader)
+        while True:
+            yield [next(stream) for _ in range(accumulation)]
+
+    def step(self, micro_batches: list[dict]) -> StepOutput:
+        loss = sum(self.step_fn(batch) for batch in micro_batches) / len(micro_batches)
+        return StepOutput(loss=loss, applied=self.engine.was_step_applied(), metrics={
+            "lr": max(self.engine.get_lr()),  # the base lr; layer-wise decay scales the trunk's groups below it
+            "logit_scale": self.engine.module.scale().item(),
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+        })
+
+    def evaluate(self) -> dict | None:
+        return evaluate(self.step_fn, self.cfg, self.topo) if self.cfg.data.eval_shards else None
+
+    def skipped_samples(self) -> int:
+        return sum_over_ranks(sum(self.loader.skipped().values()), self.topo.device)
+
+    def data_key(self) -> tuple:
+        return ("rank", self.topo.rank, self.topo.world_size)
+
+    def state(self) -> TaskState:
+        shared = {}
+        if self.teacher is not None:
+            shared[EMA_FILE] = self.teacher.teacher.state_dict()
+        return TaskState(engine=self.engine, shared=shared, rank={"loader": self.loader.state_dict()})
+
+    def load_state(self, shared: dict, rank: dict | None) -> None:
+        if self.teacher is not None:
+            self.teacher.teacher.load_state_dict(shared[EMA_FILE])
+        if rank is not None:
+            self.loader.load_state_dict(rank["loader"])
+        else:
+            self.loader.start_fresh_pass()
+
+    def finish(self) -> dict:
+        return {}
+
+
 def train_stage2(cfg: Config) -> dict:
     """Train stage 2 from ``cfg``; returns the final metrics (on every rank)."""
-    started = time.perf_counter()
-    validate(cfg)
-    if needs_llm(cfg):
-        _check_tokenizer_fits(cfg)
-    init_distributed(cfg.parallel.backend)
-    topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
-    # Same seed on every rank: replicas start identical (DeepSpeed also broadcasts rank 0's weights).
-    torch.manual_seed(cfg.train.seed)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-
-    text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if needs_llm(cfg) else None
-    model = build_clip_model(cfg.model)
-    # The teacher starts from the pretrained image encoder, before DeepSpeed casts or shards anything.
-    teacher = None
-    if cfg.train.self_distill_weight > 0:
-        teacher = EMATeacher(model.vision, cfg.train.ema_momentum, topo.device)
-    engine = build_engine(model, cfg, topo.world_size, topo.device)
-    loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
-    step_fn = Stage2Step(engine, text_tower, topo, dtype, loss_fn, teacher, cfg.train.self_distill_weight)
-    loader = iter(build_train_loader(
-        cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
-        topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
-    ))
-    accumulation = engine.gradient_accumulation_steps()
-    logger = MetricLogger(cfg.logging, cfg.train.steps, topo.is_main)
-    skipped: dict[str, int] = {}
-    losses: list[float] = []
-    for step in range(1, cfg.train.steps + 1):
-        step_start = time.perf_counter()
-        step_loss = 0.0
-        for _ in range(accumulation):
-            batch = next(loader)
-            skipped = batch["skipped"]
-            step_loss += step_fn(batch) / accumulation
-        # Each rank holds its local loss; their mean is the loss over the global batch.
-        step_loss = _mean_over_ranks(step_loss, topo.device)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
-        losses.append(step_loss)
-        skipped_total = _sum_over_ranks(sum(skipped.values()), topo.device)
-        logger.log_step(step, {
-            "loss": step_loss,
-            "lr": max(engine.get_lr()),  # the base lr; layer-wise decay scales the trunk's groups below it
-            "logit_scale": engine.module.scale().item(),
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "samples_per_s": cfg.train.global_batch / (time.perf_counter() - step_start),
-            "skipped_samples": skipped_total,
-        })
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
-            engine.save_checkpoint(cfg.checkpoint.dir, tag=f"step{step}", client_state={"step": step})
-    engine.save_checkpoint(cfg.checkpoint.dir, tag=f"step{cfg.train.steps}", client_state={"step": cfg.train.steps})
-    train_seconds = time.perf_counter() - started
-
-    result: dict = {"steps": cfg.train.steps, "first_loss": round(losses[0], 6), "final_loss": round(losses[-1], 6)}
-    if cfg.data.eval_shards:
-        metrics = evaluate(step_fn, cfg, topo)
-        logger.log_eval(cfg.train.steps, metrics)
-        result.update(metrics)
-    result["skipped_samples"] = _sum_over_ranks(sum(skipped.values()), topo.device)
-    result["train_seconds"] = round(train_seconds, 1)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    logger.close()
-    if topo.is_main:
-        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.logging.dir) / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    return run(cfg, Stage2Task())
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    total = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.item() / dist.get_world_size()
-
-
-def _sum_over_ranks(value: int, device: torch.device) -> int:
+def sum_over_ranks(value: int, device: torch.device) -> int:
     total = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(total)
     return int(total.item())

@@ -263,7 +263,7 @@ def merge_lora(tower: nn.Module) -> int:
     return merged
 
 
-def _full_shape_dim(adapter: LoRAAdapter, which: str) -> int | None:
+def lora_split_dim(adapter: LoRAAdapter, which: str) -> int | None:
     """The dim along which this LoRA matrix is TP-split, or None when replicated."""
     if adapter.layout.kind == "row":
         return 1 if which == "A" else None
@@ -283,7 +283,7 @@ def gather_lora_state(tower: nn.Module) -> dict[str, Tensor]:
     for name, adapter in lora_adapters(tower).items():
         for which, table in (("A", adapter.A), ("B", adapter.B)):
             for target, param in table.items():
-                dim = _full_shape_dim(adapter, which)
+                dim = lora_split_dim(adapter, which)
                 full = param.detach()
                 if dim is not None and tp_size > 1:
                     parts = [torch.empty_like(full) for _ in range(tp_size)]
@@ -306,7 +306,7 @@ def load_lora_state(tower: nn.Module, state: dict[str, Tensor]) -> None:
                 expected.add(key)
                 if key not in state:
                     raise KeyError(f"LoRA state lacks {key}")
-                dim = _full_shape_dim(adapter, which)
+                dim = lora_split_dim(adapter, which)
                 full = state[key]
                 local = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else full
                 if local.shape != param.shape:

@@ -31,7 +31,7 @@ from llm2clip_scale.models.llm.tower import LLMTextEncoder
 from llm2clip_scale.train.grad_cache import TextBatch, concat_texts, run_schedule, split_micro_batches
 
 if TYPE_CHECKING:
-    from llm2clip_scale.train.stage1 import Stage1Trainer
+    from llm2clip_scale.train.llm2clip_cc import LLM2CLIPCaptionContrastiveTask
 
 MASK_FALLBACK = "_"  # LLM2Vec's mask token for tokenizers without one (Llama)
 
@@ -126,9 +126,9 @@ def _loss_func(head: ColumnParallelLinear | None, chunks: list[TextBatch]) -> Ca
     return loss_func
 
 
-def run_mntp(trainer: Stage1Trainer, steps: int) -> dict[str, float]:
+def run_mntp(trainer: LLM2CLIPCaptionContrastiveTask, steps: int) -> dict[str, float]:
     """``steps`` MNTP steps on the trainer's caption stream and LoRA parameters; returns first/final loss."""
-    from llm2clip_scale.train.stage1 import average_over_data_parallel, clip_grad_norm
+    from llm2clip_scale.train.llm2clip_cc import average_over_data_parallel, clip_grad_norm
 
     cfg, s1 = trainer.cfg, trainer.cfg.stage1
     tower, params, device = trainer.tower, trainer.params, trainer.topo.device

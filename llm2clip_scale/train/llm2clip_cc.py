@@ -1,4 +1,4 @@
-"""LLM2CLIP stage 1 (``train.stage=stage1_cc``): caption-contrastive LoRA fine-tuning of the LLM text tower.
+"""LLM2CLIP stage 1 (``train.stage=llm2clip_cc``): caption-contrastive LoRA fine-tuning of the LLM text tower.
 
 The path of one step, top to bottom (megatron layout: caption pairs are split over LLM data parallelism, the TP x PP
 ranks of one model replica read the same pairs):
@@ -7,9 +7,9 @@ ranks of one model replica read the same pairs):
   micro-batches (train/grad_cache.py: embed all without grad, SimCSE over the DP group, replay with the surrogate
   loss through megatron's schedule) -> LoRA gradients averaged over LLM-DP -> clip -> AdamW -> warmup-cosine lr.
 
-CRA (caption-retrieval accuracy) is measured before training (the untuned tower), every ``stage1.eval_interval``
-steps and at the end. The LoRA adapters are written at the end (and every ``checkpoint.interval`` steps) as one
-TP/PP-independent safetensors file, ``<checkpoint.dir>/step<N>/lora.safetensors``, with ``latest`` naming the newest.
+CRA (caption-retrieval accuracy) is measured before training (the untuned tower), every ``eval.interval`` steps
+and at the end. Every checkpoint holds the LoRA adapters and their optimizer state sharded (``llm/``, reshardable
+to any TP/PP) and, for tools, one TP/PP-independent file ``<checkpoint.dir>/step<N>/lora.safetensors``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -30,7 +29,15 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from llm2clip_scale.checkpoint.lora import load_global_lora_state, resolve_lora_path, save_lora_checkpoint
+from llm2clip_scale.checkpoint.llm_state import LoRATrainingState
+from llm2clip_scale.checkpoint.lora import (
+    ADAPTER_CONFIG_FILE,
+    LORA_FILE,
+    global_lora_state,
+    load_global_lora_state,
+    resolve_lora_path,
+)
+from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.data.pairs import CaptionPair, PairCollator, batch_pairs, iter_caption_pairs
@@ -40,11 +47,12 @@ from llm2clip_scale.distributed.collectives import all_gather_rows
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
 from llm2clip_scale.eval.cra import caption_retrieval_accuracy, evaluate_cra
 from llm2clip_scale.losses.simcse import simcse_loss
-from llm2clip_scale.metrics.logger import MetricLogger
 from llm2clip_scale.models.llm.lora import apply_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder, build_text_tower
 from llm2clip_scale.train.grad_cache import TextBatch, concat_texts, embed_texts, grad_cache_step
+from llm2clip_scale.train.loop import run
 from llm2clip_scale.train.schedule import warmup_cosine
+from llm2clip_scale.train.task import StepOutput
 
 log = logging.getLogger("llm2clip_scale.train")
 
@@ -167,16 +175,58 @@ def average_over_data_parallel(params: list[nn.Parameter]) -> None:
         offset += p.numel()
 
 
-class Stage1Trainer:
-    """Holds the run's tower, optimizer and data; ``run()`` trains and returns the result dict (every rank)."""
+class PairBatches:
+    """Endless collated batches of one LLM-DP rank's pairs; each pass over the data reshuffles with (seed, epoch).
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.started = time.perf_counter()
-        validate(cfg)
-        init_distributed(cfg.parallel.backend)
-        self.topo: Topology = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
-        topo = self.topo
+    Resumable: the position is (epoch, batches taken in it). A resumed stream re-reads the epoch's pairs up to the
+    position without tokenising them, then continues; the skip counts are then set to the saved ones, which already
+    include everything the re-read pairs did.
+    """
+
+    def __init__(self, cfg: Config, collate: PairCollator, dp_rank: int, dp_size: int, skips: SkipCounter) -> None:
+        self.cfg, self.collate, self.dp_rank, self.dp_size, self.skips = cfg, collate, dp_rank, dp_size, skips
+        self.pairs_per_rank = cfg.train.global_batch // dp_size
+        self.epoch, self.taken = 0, 0
+        self._saved_skips: dict[str, int] | None = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "taken": self.taken, "skips": dict(self.skips.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.taken, self._saved_skips = state["epoch"], state["taken"], dict(state["skips"])
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg, s1 = self.cfg, self.cfg.stage1
+        for epoch in itertools.count(self.epoch):
+            pairs = iter_caption_pairs(
+                cfg.data.train_shards, self.skips, fields=s1.fields, rank=self.dp_rank, world_size=self.dp_size,
+                seed=cfg.train.seed + epoch, random_direction=s1.random_direction, hard_negatives=s1.hard_negatives,
+                negative_window=s1.negative_window,
+            )
+            rng = random.Random(f"stage1/shuffle/{cfg.train.seed}/{epoch}/{self.dp_rank}")
+            shuffled = _shuffled(pairs, cfg.data.shuffle_buffer, rng)
+            skip = self.taken if epoch == self.epoch else 0
+            for _ in itertools.islice(shuffled, skip * self.pairs_per_rank):
+                pass
+            if self._saved_skips is not None:
+                self.skips.counts = self._saved_skips
+                self._saved_skips = None
+            self.epoch, self.taken = epoch, skip
+            for batch in batch_pairs(shuffled, self.collate, self.pairs_per_rank):
+                self.taken += 1
+                yield batch
+            if self.taken == 0:
+                raise ValueError(f"data.train_shards: fewer good pairs than one batch of {self.pairs_per_rank} "
+                                 f"per rank (skipped: {self.skips.counts})")
+
+
+class LLM2CLIPCaptionContrastiveTask:
+    """LLM2CLIP stage 1 for the one loop (train/loop.py): LoRA on the TP x PP sharded tower, SimCSE, grad caching."""
+
+    name = "llm2clip_cc"
+
+    def build(self, cfg: Config, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
         # LoRA dropout masks come from the default generator: the ranks of one model replica (TP shards must agree,
         # and PP stages replay them in pass 2) share a seed, different replicas draw different masks.
         torch.manual_seed(cfg.train.seed * 1000 + topo.llm_dp_rank)
@@ -196,33 +246,33 @@ class Stage1Trainer:
             lambda step: warmup_cosine(step, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio),
         )
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.pairs_per_rank = cfg.train.global_batch // topo.llm_dp_size
         self.collate = PairCollator(self.tokenizer, _instruction(cfg), cfg.data.max_text_len)
         self.skips = SkipCounter("stage1 train pairs")
         self.eval_skips = SkipCounter("stage1 eval pairs")
         self._eval_batches: list[dict] | None = None
-        self.step = 0
-
-    # -- data --------------------------------------------------------------------------------------------------
+        self.pairs = PairBatches(cfg, self.collate, topo.llm_dp_rank, topo.llm_dp_size, self.skips)
+        self.max_replay_error = 0.0
 
     def train_batches(self) -> Iterator[dict]:
-        """Endless collated batches of this DP rank's pairs; each pass over the data reshuffles (seed, epoch)."""
-        cfg, s1 = self.cfg, self.cfg.stage1
-        for epoch in itertools.count():
-            pairs = iter_caption_pairs(
-                cfg.data.train_shards, self.skips, fields=s1.fields, rank=self.topo.llm_dp_rank,
-                world_size=self.topo.llm_dp_size, seed=cfg.train.seed + epoch, random_direction=s1.random_direction,
-                hard_negatives=s1.hard_negatives, negative_window=s1.negative_window,
-            )
-            rng = random.Random(f"stage1/shuffle/{cfg.train.seed}/{epoch}/{self.topo.llm_dp_rank}")
-            produced = 0
-            for batch in batch_pairs(_shuffled(pairs, cfg.data.shuffle_buffer, rng), self.collate,
-                                     self.pairs_per_rank):
-                produced += 1
-                yield batch
-            if produced == 0:
-                raise ValueError(f"data.train_shards: fewer good pairs than one batch of {self.pairs_per_rank} "
-                                 f"per rank (skipped: {self.skips.counts})")
+        """A fresh stream from the start (MNTP's own pass over the pairs)."""
+        return iter(PairBatches(self.cfg, self.collate, self.topo.llm_dp_rank, self.topo.llm_dp_size, self.skips))
+
+    def before_training(self) -> dict:
+        result: dict = {}
+        before = self.evaluate()
+        if before is not None:
+            result["cra_before"] = before["cra"]
+            log.info("CRA before training: %.4f over %d pairs", before["cra"], before["num_eval_pairs"])
+        if self.cfg.stage1.mntp_steps > 0:
+            from llm2clip_scale.models.llm.mntp import run_mntp
+
+            result["mntp"] = run_mntp(self, self.cfg.stage1.mntp_steps)
+            log.info("MNTP: %d steps, loss %.4f -> %.4f", self.cfg.stage1.mntp_steps, result["mntp"]["first_loss"],
+                     result["mntp"]["final_loss"])
+        return result
+
+    def batches(self) -> Iterator[dict]:
+        return iter(self.pairs)
 
     def evaluate(self) -> dict | None:
         if self.cfg.stage1.eval_pairs is None:
@@ -231,11 +281,10 @@ class Stage1Trainer:
             collate = PairCollator(self.tokenizer, _instruction(self.cfg), self.cfg.data.max_text_len)
             self._eval_batches = eval_batches(self.cfg, collate, self.topo.llm_dp_rank, self.topo.llm_dp_size,
                                               self.eval_skips)
-        return pairs_cra(self.tower, self._eval_batches, self.cfg.eval.batch_size, self.topo.device)
+        metrics = pairs_cra(self.tower, self._eval_batches, self.cfg.eval.batch_size, self.topo.device)
+        return {"cra": metrics["cra"], "num_eval_pairs": int(metrics["num_pairs"])}
 
-    # -- one optimizer step ------------------------------------------------------------------------------------
-
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def step(self, batch: dict) -> StepOutput:
         s1 = self.cfg.stage1
         roles = ["query", "positive"] + (["negative"] if "negative_input_ids" in batch else [])
         texts = concat_texts([_side(batch, role) for role in roles]).to(self.topo.device)
@@ -253,74 +302,52 @@ class Stage1Trainer:
         average_over_data_parallel(self.params)
         grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        loss = torch.tensor([cached.loss], dtype=torch.float64, device=self.topo.device)
-        dist.all_reduce(loss, group=self.dp_group)  # the mean of equal-size local losses = the global-batch loss
-        value = float(loss) / dist.get_world_size(self.dp_group)
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite stage-1 loss {value} at step {self.step}")
-        return {"loss": value, "lr": lr, "grad_norm": grad_norm, "replay_error": cached.replay_error,
-                "micro_batches": float(cached.num_microbatches)}
+        # The norm is global (model-parallel sum of DP-averaged gradients), so every rank decides alike.
+        applied = math.isfinite(grad_norm) and math.isfinite(cached.loss)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.max_replay_error = max(self.max_replay_error, cached.replay_error)
+        for p in self.params:
+            p.grad = None
+        return StepOutput(loss=cached.loss, applied=applied, metrics={
+            "lr": lr, "grad_norm": grad_norm, "replay_error": cached.replay_error,
+            "micro_batches": float(cached.num_microbatches)})
 
-    # -- the run -----------------------------------------------------------------------------------------------
-
-    def run(self) -> dict:
-        cfg = self.cfg
-        logger = MetricLogger(cfg.logging, cfg.train.steps, self.topo.is_main, run_name="stage1_cc")
-        result: dict = {"steps": cfg.train.steps}
-        before = self.evaluate()
-        if before is not None:
-            result["cra_before"] = before["cra"]
-            logger.log_eval(0, before)
-            log.info("CRA before training: %.4f over %d pairs", before["cra"], int(before["num_pairs"]))
-        if cfg.stage1.mntp_steps > 0:
-            from llm2clip_scale.models.llm.mntp import run_mntp
-
-            result["mntp"] = run_mntp(self, cfg.stage1.mntp_steps)
-            log.info("MNTP: %d steps, loss %.4f -> %.4f", cfg.stage1.mntp_steps, result["mntp"]["first_loss"],
-                     result["mntp"]["final_loss"])
-        train_start = time.perf_counter()
-        batches = self.train_batches()
-        losses: list[float] = []
-        replay = 0.0
-        for step in range(1, cfg.train.steps + 1):
-            step_start = time.perf_counter()
-            metrics = self.train_step(next(batches))
-            losses.append(metrics["loss"])
-            replay = max(replay, metrics["replay_error"])
-            metrics["pairs_per_s"] = cfg.train.global_batch / (time.perf_counter() - step_start)
-            logger.log_step(step, metrics)
-            if cfg.stage1.eval_interval and step % cfg.stage1.eval_interval == 0 and step < cfg.train.steps:
-                cra = self.evaluate()
-                if cra is not None:
-                    logger.log_eval(step, cra)
-                    log.info("step %d CRA %.4f", step, cra["cra"])
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
-                save_lora_checkpoint(self.tower, cfg, step, cfg.checkpoint.dir)
-        train_seconds = time.perf_counter() - train_start
-        path = save_lora_checkpoint(self.tower, cfg, cfg.train.steps, cfg.checkpoint.dir)
-        result.update(first_loss=losses[0], final_loss=losses[-1], max_replay_error=replay, checkpoint=str(path))
-        after = self.evaluate()
-        if after is not None:
-            logger.log_eval(cfg.train.steps, after)
-            result.update(cra=after["cra"], num_eval_pairs=int(after["num_pairs"]))
+    def skipped_samples(self) -> int:
         # Every DP rank reads the whole source (pairs are dealt after reading), so its counts already cover all of
         # it; summing over ranks would count each bad sample once per rank.
-        result["skipped"] = dict(self.skips.counts)
-        result["train_seconds"] = round(train_seconds, 1)
-        result["seconds"] = round(time.perf_counter() - self.started, 1)
-        logger.close()
-        if self.topo.is_main:
-            Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.logging.dir) / "result.json").write_text(json.dumps(result, indent=2))
-        return result
+        return sum(self.skips.counts.values())
+
+    def data_key(self) -> tuple:
+        return ("llm_dp", self.topo.llm_dp_rank, self.topo.llm_dp_size)
+
+    def state(self) -> TaskState:
+        llm = self.cfg.model.llm
+        lora = global_lora_state(self.tower)
+        meta = {"lora_rank": llm.lora_rank, "lora_alpha": llm.lora_alpha, "lora_dropout": llm.lora_dropout,
+                "lora_targets": list(llm.lora_targets), "base_checkpoint": llm.hf_checkpoint, "base_seed": llm.seed,
+                "bidirectional": llm.bidirectional, "instruction": llm.instruction}
+        return TaskState(
+            llm=LoRATrainingState(self.tower, self.params, self.optimizer, self.scheduler),
+            shared={LORA_FILE: lora, ADAPTER_CONFIG_FILE: json.dumps(meta, indent=2)},
+            rank={"pairs": self.pairs.state_dict(), "max_replay_error": self.max_replay_error},
+        )
+
+    def load_state(self, shared: dict, rank: dict | None) -> None:
+        if rank is not None:
+            self.pairs.load_state_dict(rank["pairs"])
+            self.max_replay_error = rank["max_replay_error"]
+        else:
+            self.pairs.epoch = 1  # a fresh shuffle rather than a replay of the first batches
+
+    def finish(self) -> dict:
+        return {"max_replay_error": self.max_replay_error, "skipped": dict(self.skips.counts)}
 
 
-def train_stage1(cfg: Config) -> dict:
-    """Train stage 1 from ``cfg``; returns the final metrics (on every rank)."""
-    return Stage1Trainer(cfg).run()
+def train_llm2clip_cc(cfg: Config) -> dict:
+    """Train LLM2CLIP stage 1 from ``cfg``; returns the final metrics (on every rank)."""
+    return run(cfg, LLM2CLIPCaptionContrastiveTask())
 
 
 def evaluate_checkpoint_cra(cfg: Config, lora: str | Path | None = None) -> dict:

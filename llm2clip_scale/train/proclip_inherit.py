@@ -15,10 +15,8 @@ structure within the local batch, see losses/proclip.py); DeepSpeed averages the
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,24 +25,26 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import nn
 
-from llm2clip_scale.config.load import validate
+from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
 from llm2clip_scale.distributed.collectives import gather_in_sample_order
-from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
+from llm2clip_scale.distributed.topology import Topology
 from llm2clip_scale.losses.proclip import instance_loss, structure_loss
-from llm2clip_scale.metrics.logger import MetricLogger
 from llm2clip_scale.models.adapter import LLMAdapter
 from llm2clip_scale.models.clip_text import CLIPTextTeacher, load_clip_text_teacher
 from llm2clip_scale.models.llm.group_embed import embed_local_batch
 from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.models.warm_start import save_adapter
 from llm2clip_scale.train.engine import build_engine
+from llm2clip_scale.train.loop import run
+from llm2clip_scale.train.stage2 import needs_llm, sum_over_ranks
+from llm2clip_scale.train.task import StepOutput
 
 log = logging.getLogger("llm2clip_scale.train")
 
 ADAPTER_FILE = "adapter.safetensors"
-RUN_NAME = "proclip_stage1"
+RUN_NAME = "proclip_inherit"
 
 
 class AdapterStudent(nn.Module):
@@ -58,7 +58,7 @@ class AdapterStudent(nn.Module):
         return self.adapter(llm_embeddings)
 
 
-class Stage1Step:
+class InheritStep:
     """One micro-batch: LLM embeddings -> adapter (student) vs the CLIP text teacher on the same captions."""
 
     def __init__(self, engine, text_tower: nn.Module | None, teacher: CLIPTextTeacher, topo: Topology,
@@ -95,7 +95,7 @@ class Stage1Step:
 
     def __call__(self, batch: dict) -> tuple[float, float, float]:
         loss, ins, struct = self.losses(*self.embeddings(batch))
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # a non-finite loss poisons the gradients, and DeepSpeed then skips the update
         self.engine.step()
         return loss.item(), ins.item(), struct.item()
 
@@ -127,7 +127,7 @@ def agreement_metrics(student: torch.Tensor, teacher: torch.Tensor, ks: tuple[in
 
 
 @torch.no_grad()
-def evaluate(step_fn: Stage1Step, cfg: Config, topo: Topology) -> dict:
+def evaluate(step_fn: InheritStep, cfg: Config, topo: Topology) -> dict:
     """Agreement on the held-out split: ranks embed their share, rows are gathered and re-ordered by index."""
     step_fn.engine.eval()
     loader = build_eval_loader(
@@ -145,76 +145,84 @@ def evaluate(step_fn: Stage1Step, cfg: Config, topo: Topology) -> dict:
     return agreement_metrics(all_students.cpu(), all_teachers.cpu())
 
 
-def train_proclip_stage1(cfg: Config) -> dict:
-    """Train the adapter against the frozen CLIP text teacher; returns the final metrics (on every rank)."""
-    started = time.perf_counter()
-    validate(cfg)
-    init_distributed(cfg.parallel.backend)
-    topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
-    torch.manual_seed(cfg.train.seed)  # same seed everywhere: every rank's adapter replica starts identical
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+class ProCLIPInheritTask:
+    """ProCLIP stage 1 for the one loop (train/loop.py): the adapter alone under DeepSpeed, against the teacher."""
 
-    teacher = load_clip_text_teacher(cfg.proclip.teacher_text, topo.device)
-    if teacher.embed_dim != cfg.model.embed_dim:
-        raise ValueError(
-            f"model.embed_dim: {cfg.model.embed_dim} != the CLIP text teacher's projection_dim {teacher.embed_dim} "
-            f"({cfg.proclip.teacher_text}); the adapter must output the teacher's embedding size"
+    name = RUN_NAME
+
+    def build(self, cfg: Config, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        teacher = load_clip_text_teacher(cfg.proclip.teacher_text, topo.device)
+        if teacher.embed_dim != cfg.model.embed_dim:
+            raise ValueError(
+                f"model.embed_dim: {cfg.model.embed_dim} != the CLIP text teacher's projection_dim "
+                f"{teacher.embed_dim} ({cfg.proclip.teacher_text}); the adapter must output its size"
+            )
+        # Built whenever training or evaluation embeds captions online (offline training may still evaluate online).
+        text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if needs_llm(cfg) else None
+        student = AdapterStudent(LLMAdapter(cfg.model.adapter, cfg.model.embed_dim))
+        self.engine = build_engine(student, cfg, topo.world_size, topo.device)
+        self.step_fn = InheritStep(self.engine, text_tower, teacher, topo, dtype, cfg)
+        self.loader = build_train_loader(
+            cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
+            topo.world_size, cfg.train.seed, cfg.data.max_text_len,
         )
-    online = cfg.data.train_embedding_shards is None
-    text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if online else None
-    student = AdapterStudent(LLMAdapter(cfg.model.adapter, cfg.model.embed_dim))
-    engine = build_engine(student, cfg, topo.world_size, topo.device)
-    step_fn = Stage1Step(engine, text_tower, teacher, topo, dtype, cfg)
-    loader = iter(build_train_loader(
-        cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
-        topo.world_size, cfg.train.seed, cfg.data.max_text_len,
-    ))
-    accumulation = engine.gradient_accumulation_steps()
-    logger = MetricLogger(cfg.logging, cfg.train.steps, topo.is_main, run_name=RUN_NAME)
-    losses: list[float] = []
-    for step in range(1, cfg.train.steps + 1):
-        step_start = time.perf_counter()
+
+    def before_training(self) -> dict:
+        return {}
+
+    def batches(self) -> Iterator[list[dict]]:
+        accumulation = self.engine.gradient_accumulation_steps()
+        stream = iter(self.loader)
+        while True:
+            yield [next(stream) for _ in range(accumulation)]
+
+    def step(self, micro_batches: list[dict]) -> StepOutput:
         totals = torch.zeros(3, dtype=torch.float64)
-        for _ in range(accumulation):
-            totals += torch.tensor(step_fn(next(loader)), dtype=torch.float64) / accumulation
-        # Each rank holds its local terms; their mean is the value over the global batch.
-        dist.all_reduce(totals)
-        step_loss, l_ins, l_struct = (totals / dist.get_world_size()).tolist()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
-        losses.append(step_loss)
-        logger.log_step(step, {
-            "loss": step_loss,
-            "l_ins": l_ins,
-            "l_struct": l_struct,
-            "lr": engine.get_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "samples_per_s": cfg.train.global_batch / (time.perf_counter() - step_start),
-        })
-    train_seconds = time.perf_counter() - started
+        for batch in micro_batches:
+            totals += torch.tensor(self.step_fn(batch), dtype=torch.float64) / len(micro_batches)
+        loss, l_ins, l_struct = totals.tolist()
+        return StepOutput(loss=loss, applied=self.engine.was_step_applied(), terms={"l_ins": l_ins,
+                                                                                  "l_struct": l_struct},
+                          metrics={"lr": self.engine.get_lr()[0],
+                                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)})
 
-    adapter_path = Path(cfg.checkpoint.dir) / ADAPTER_FILE
-    if topo.is_main:
-        # ZeRO 0-2 keep the full adapter on every rank (validate() refuses ZeRO-3), so rank 0's copy is the model.
-        adapter_path.parent.mkdir(parents=True, exist_ok=True)
-        adapter_cfg = cfg.model.adapter
-        save_adapter(engine.module.adapter, adapter_path, meta={
-            "input_dim": adapter_cfg.input_dim, "num_blocks": adapter_cfg.num_blocks,
-            "expansion": adapter_cfg.expansion, "embed_dim": cfg.model.embed_dim,
-            "teacher_text": cfg.proclip.teacher_text, "steps": cfg.train.steps,
-        })
-    dist.barrier()  # the file exists for every rank (and a following stage 2) once this returns
+    def evaluate(self) -> dict | None:
+        return evaluate(self.step_fn, self.cfg, self.topo) if self.cfg.data.eval_shards else None
 
-    result: dict = {"steps": cfg.train.steps, "first_loss": losses[0], "final_loss": losses[-1],
-                    "adapter": str(adapter_path)}
-    if cfg.data.eval_shards:
-        metrics = evaluate(step_fn, cfg, topo)
-        logger.log_eval(cfg.train.steps, metrics)
-        result.update(metrics)
-    result["train_seconds"] = round(train_seconds, 1)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    logger.close()
-    if topo.is_main:
-        Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.logging.dir) / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    def skipped_samples(self) -> int:
+        return sum_over_ranks(sum(self.loader.skipped().values()), self.topo.device)
+
+    def data_key(self) -> tuple:
+        return ("rank", self.topo.rank, self.topo.world_size)
+
+    def state(self) -> TaskState:
+        return TaskState(engine=self.engine, rank={"loader": self.loader.state_dict()})
+
+    def load_state(self, shared: dict, rank: dict | None) -> None:
+        if rank is not None:
+            self.loader.load_state_dict(rank["loader"])
+        else:
+            self.loader.start_fresh_pass()
+
+    def finish(self) -> dict:
+        """Write ``<checkpoint.dir>/adapter.safetensors``, which ProCLIP stage 2 loads through model.adapter_init."""
+        cfg = self.cfg
+        adapter_path = Path(cfg.checkpoint.dir) / ADAPTER_FILE
+        if self.topo.is_main:
+            # ZeRO 0-2 keep the full adapter on every rank (validate() refuses ZeRO-3), so rank 0's copy is the model.
+            adapter_path.parent.mkdir(parents=True, exist_ok=True)
+            adapter_cfg = cfg.model.adapter
+            save_adapter(self.engine.module.adapter, adapter_path, meta={
+                "input_dim": adapter_cfg.input_dim, "num_blocks": adapter_cfg.num_blocks,
+                "expansion": adapter_cfg.expansion, "embed_dim": cfg.model.embed_dim,
+                "teacher_text": cfg.proclip.teacher_text, "steps": cfg.train.steps,
+            })
+        dist.barrier()  # the file exists for every rank (and a following stage 2) once this returns
+        return {"adapter": str(adapter_path)}
+
+
+def train_proclip_inherit(cfg: Config) -> dict:
+    """Train the adapter against the frozen CLIP text teacher; returns the final metrics (on every rank)."""
+    return run(cfg, ProCLIPInheritTask())

@@ -1,0 +1,66 @@
+"""What a training stage hands the one loop (train/loop.py): a small task object, after open_clip's TrainingTask.
+
+The loop owns everything stages share — set-up, the step loop, metric reduction, the non-finite policy, logging,
+periodic eval, checkpoint timing, resume, the stop flag and result.json. A task owns only its models, its batches,
+one optimizer step, its evaluation and the state that makes it resumable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llm2clip_scale.checkpoint.manager import TaskState
+from llm2clip_scale.config.schema import Config
+from llm2clip_scale.distributed.topology import Topology
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step as the task saw it on this rank.
+
+    ``loss`` and ``terms`` are this rank's local values; the loop averages them over the world (equal local batches,
+    so the mean is the global-batch value; model-parallel ranks of one replica report the same value). ``metrics``
+    are already global (lr, grad norm, logit scale). ``applied`` is False when the optimizer step was not taken
+    because a loss or gradient was not finite; the task guarantees weights, optimizer and schedule are then untouched.
+    """
+
+    loss: float
+    applied: bool
+    terms: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingTask(Protocol):
+    name: str  # run name: TensorBoard and progress-bar label, recorded in the checkpoint
+
+    def build(self, cfg: Config, topo: Topology) -> None:
+        """Build models, optimizer and data streams (after process groups exist)."""
+
+    def before_training(self) -> dict:
+        """Work done once on a fresh start (not on resume), e.g. CRA of the untuned tower; its result entries."""
+
+    def batches(self) -> Iterator[Any]:
+        """The resumable stream of optimizer-step batches."""
+
+    def step(self, batch: Any) -> StepOutput:
+        """Forward, backward and optimizer step (skipped when not finite) on one step's batch."""
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Held-out metrics (collective; every rank returns the same dict), or None when the config has no split."""
+
+    def skipped_samples(self) -> int:
+        """Samples skipped as unusable so far, over the whole world (collective)."""
+
+    def data_key(self) -> tuple:
+        """This rank's data-parallel coordinates: a saved rank state is restored only where they match."""
+
+    def state(self) -> TaskState:
+        """What to checkpoint now."""
+
+    def load_state(self, shared: dict, rank: dict | None) -> None:
+        """Restore the shared tensors and this rank's state (None: the layout changed, streams start afresh)."""
+
+    def finish(self) -> dict:
+        """Final artifacts (adapter or LoRA files, collective) and result entries."""
