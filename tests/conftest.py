@@ -20,6 +20,28 @@ TINY_VISION = [
 ]
 
 
+def tiny_overrides(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """A short 2-rank run on ``tiny_data``: 16 samples a step, one micro-batch of 8 per rank, a checkpoint dir and
+    logs under ``run_dir`` (metrics.jsonl, no TensorBoard)."""
+    return [
+        f"data.train_shards={data}/train-{{000000..000003}}.tar",
+        f"data.eval_shards={data}/eval-000000.tar",
+        f"model.llm.tokenizer={data}/tokenizer",
+        *TINY_VISION,
+        "data.num_workers=0",
+        f"train.steps={steps}",
+        "train.warmup_steps=1",
+        "train.global_batch=16",
+        "train.micro_batch=8",
+        "eval.max_samples=32",
+        f"checkpoint.dir={run_dir}/ckpt",
+        f"logging.dir={run_dir}/logs",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        *extra,
+    ]
+
+
 def load_script(name: str):
     """A data_prep/ script as a module (they are scripts, not package modules)."""
     path = REPO / "data_prep" / f"{name}.py"

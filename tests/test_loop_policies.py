@@ -13,30 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from llm2clip_scale.config import load_config
-from tests.conftest import REPO, TINY_VISION
+from tests.conftest import REPO, tiny_overrides
 from tests.multiprocess import run_on_ranks
 
 
 def _overrides(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        f"data.train_shards={data}/train-{{000000..000003}}.tar",
-        f"data.eval_shards={data}/eval-000000.tar",
-        f"model.llm.tokenizer={data}/tokenizer",
-        *TINY_VISION,
-        "data.num_workers=0",
-        f"train.steps={steps}",
-        "train.warmup_steps=1",
-        "train.global_batch=16",
-        "train.micro_batch=8",
-        "eval.max_samples=32",
-        f"checkpoint.dir={run_dir}/ckpt",
-        "checkpoint.interval=1",
-        "checkpoint.keep_last=0",
-        f"logging.dir={run_dir}/logs",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        *extra,
-    ]
+    return tiny_overrides(data, run_dir, steps, "checkpoint.interval=1", "checkpoint.keep_last=0", *extra)
 
 
 def _stage2_with_nan_steps(overrides: list[str], nan_steps: list[int]) -> dict:

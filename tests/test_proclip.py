@@ -6,11 +6,8 @@ are what the next stage starts from — quality is measured by the full tiny pip
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -20,24 +17,12 @@ from llm2clip_scale.config import load_config
 from llm2clip_scale.config.load import ConfigError, validate
 from llm2clip_scale.data.loader import load_tokenizer
 from llm2clip_scale.data.synthetic import SyntheticParams, build_synthetic_dataset
+from tests.conftest import TINY_VISION, load_script
 from tests.multiprocess import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 # A smaller tower than tiny_cpu.yaml's, shared by the reference CLIP and stage 2 so the trunk loads strictly.
-VISION = [
-    "model.vision.image_size=32",
-    "model.vision.timm_kwargs={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 4}",
-]
-
-
-def _script() -> ModuleType:
-    path = REPO / "data_prep" / "train_reference_clip.py"
-    spec = importlib.util.spec_from_file_location("train_reference_clip", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+VISION = TINY_VISION
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +35,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    script = _script()
+    script = load_script("train_reference_clip")
     out = tmp_path_factory.mktemp("reference") / "clip"
     params = script.ReferenceParams(steps=3, batch=8, warmup=1, eval_samples=16, num_workers=0)
     metrics = script.train_reference_clip(dataset, out, params, overrides=VISION)

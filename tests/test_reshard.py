@@ -15,53 +15,27 @@ import pytest
 import torch
 
 from llm2clip_scale.config import load_config
-from tests.conftest import REPO, TINY_VISION
+from tests.conftest import REPO, tiny_overrides
 from tests.multiprocess import run_on_ranks
 
 
 def _stage2_overrides(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        f"data.train_shards={data}/train-{{000000..000003}}.tar",
-        f"model.llm.tokenizer={data}/tokenizer",
-        *TINY_VISION,
-        "data.num_workers=0",
-        f"train.steps={steps}",
-        "train.warmup_steps=1",
-        "train.global_batch=16",
-        "train.micro_batch=8",
-        f"checkpoint.dir={run_dir}/ckpt",
-        f"logging.dir={run_dir}/logs",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        *extra,
-    ]
+    return tiny_overrides(data, run_dir, steps, "data.eval_shards=null", *extra)
 
 
-def _engine_state(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 weights and AdamW moments of every parameter (collective under ZeRO)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+def _train(overrides: list[str]) -> dict:
+    from llm2clip_scale.train.stage2 import train_stage2
 
-    state = {}
-    for name, param in engine.module.named_parameters():
-        state[f"{name}/weight"] = safe_get_full_fp32_param(param).detach().clone()
-        for moment in ("exp_avg", "exp_avg_sq"):
-            state[f"{name}/{moment}"] = safe_get_full_optimizer_state(param, moment).detach().clone()
-    return state
+    return train_stage2(load_config(REPO / "configs" / "tiny_cpu.yaml", overrides))
 
 
-def _train_and_report(overrides: list[str]) -> dict:
-    from llm2clip_scale.train.loop import run
-    from llm2clip_scale.train.stage2 import Stage2Task
+def _load_save_and_continue(overrides: list[str], checkpoint: str, step: int) -> dict:
+    """At world 1: load the world-2 checkpoint, save it again unchanged as this run's step ``step``, continue."""
+    import dataclasses
 
-    task = Stage2Task()
-    run(load_config(REPO / "configs" / "tiny_cpu.yaml", overrides), task)
-    return {"state": _engine_state(task.engine), "lr": task.engine.get_lr()}
-
-
-def _load_and_report(overrides: list[str], checkpoint: str) -> dict:
     from llm2clip_scale.checkpoint.manager import CheckpointManager
     from llm2clip_scale.distributed.topology import build_topology, init_distributed
-    from llm2clip_scale.train.loop import run, seed_everything
+    from llm2clip_scale.train.loop import LoopState, run, seed_everything
     from llm2clip_scale.train.stage2 import Stage2Task
 
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [*overrides, f"train.resume={checkpoint}"])
@@ -70,44 +44,48 @@ def _load_and_report(overrides: list[str], checkpoint: str) -> dict:
     seed_everything(cfg.train.seed)
     task = Stage2Task()
     task.build(cfg, topo)
-    CheckpointManager(cfg, topo, task.name).load(Path(checkpoint), task.state(), task.data_key())
-    report = {"state": _engine_state(task.engine), "lr": task.engine.get_lr()}
-    report["continued"] = run(cfg, Stage2Task())  # and training goes on from there at the new size
-    return report
+    manager = CheckpointManager(cfg, topo, task.name)
+    restored = manager.load(Path(checkpoint), task.state(), task.data_key())
+    manager.save(step, task.state(), dataclasses.asdict(LoopState(**restored.loop)), task.data_key(), block=True)
+    manager.close()
+    return run(cfg, Stage2Task())  # and training goes on from there at the new size
+
+
+def _universal_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every per-parameter fp32 weight and AdamW moment of a DeepSpeed universal checkpoint."""
+    tensors = {}
+    for path in sorted((folder / "zero").rglob("*.pt")):
+        value = torch.load(path, map_location="cpu", weights_only=False)
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        tensors.update({f"{path.relative_to(folder)}:{k}": v for k, v in items if isinstance(v, torch.Tensor)})
+    return tensors
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_vision_side_resumes_at_dp1_from_dp2(tiny_data: Path, tmp_path: Path, zero_stage: int) -> None:
-    saved = run_on_ranks(_train_and_report, 2,
-                         _stage2_overrides(tiny_data, tmp_path / "dp2", 3, f"parallel.zero_stage={zero_stage}"))[0]
+    from llm2clip_scale.checkpoint.reshard import _convert_to_universal
+
+    run_on_ranks(_train, 2, _stage2_overrides(tiny_data, tmp_path / "dp2", 3, f"parallel.zero_stage={zero_stage}"))
+    saved = tmp_path / "dp2" / "ckpt" / "step3"
     overrides = _stage2_overrides(tiny_data, tmp_path / "dp1", 5, f"parallel.zero_stage={zero_stage}")
-    loaded = run_on_ranks(_load_and_report, 1, overrides, str(tmp_path / "dp2" / "ckpt" / "step3"))[0]
-    assert saved["state"].keys() == loaded["state"].keys()
-    for key, value in saved["state"].items():
-        assert torch.equal(loaded["state"][key], value), key
-    assert loaded["lr"] == saved["lr"]  # the schedule continues where it was
-    continued = loaded["continued"]
+    continued = run_on_ranks(_load_save_and_continue, 1, overrides, str(saved), 3)[0]
+    # The world-2 checkpoint (partitions of 2 ranks) and its reload saved again by 1 rank hold the same full
+    # weights and AdamW moments, parameter by parameter (both in DeepSpeed's own universal form).
+    resaved = tmp_path / "dp1" / "ckpt" / "step3" / "vision"
+    _convert_to_universal(resaved, tmp_path / "resaved_universal")
+    original, reloaded = _universal_tensors(saved / "vision_universal"), _universal_tensors(
+        tmp_path / "resaved_universal")
+    assert original and original.keys() == reloaded.keys()
+    assert any("exp_avg_sq" in key for key in original)
+    for key, value in original.items():
+        assert torch.equal(reloaded[key], value), key
     assert continued["resumed_from"].endswith("step3") and continued["steps"] == 5
     assert continued["skipped_steps"] == 0 and continued["final_loss"] == continued["final_loss"]
 
 
 def _cc_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.train_shards={data}/train-{{000000..000003}}.tar",
-        f"model.llm.tokenizer={data}/tokenizer",
-        "stage1.eval_pairs=null",
-        "train.steps=4",
-        "train.warmup_steps=1",
-        "train.global_batch=16",
-        "train.micro_batch=4",
-        "data.shuffle_buffer=50",
-        "checkpoint.interval=2",
-        f"checkpoint.dir={run_dir}/ckpt",
-        f"logging.dir={run_dir}/logs",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        *extra,
-    ]
+    return tiny_overrides(data, run_dir, 4, "stage1.eval_pairs=null", "train.micro_batch=4", "data.shuffle_buffer=50",
+                          "checkpoint.interval=2", *extra)
 
 
 def _cc(overrides: list[str]) -> dict:

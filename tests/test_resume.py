@@ -22,34 +22,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY_VISION
+from tests.conftest import REPO, tiny_overrides
 
 STEPS = 8
 INTERVAL = 2
 
 
 def _common(data: Path, run_dir: Path) -> list[str]:
-    return [
-        f"data.train_shards={data}/train-{{000000..000003}}.tar",
-        f"data.eval_shards={data}/eval-000000.tar",
-        f"model.llm.tokenizer={data}/tokenizer",
-        *TINY_VISION,
-        f"train.steps={STEPS}",
-        "train.warmup_steps=2",
-        "eval.max_samples=32",
-        f"checkpoint.dir={run_dir}/ckpt",
-        f"checkpoint.interval={INTERVAL}",
-        f"logging.dir={run_dir}/logs",
-        "logging.interval=1",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-    ]
+    return tiny_overrides(data, run_dir, STEPS, "train.warmup_steps=2", f"checkpoint.interval={INTERVAL}",
+                          "logging.interval=1")
 
 
 def _stage2(data: Path, run_dir: Path) -> list[str]:
     # 2 ranks x 2 loader workers, caption-field mixing, shuffling and random crops: the data position of every
     # worker must be restored, and gradient accumulation (2 micro-steps) crosses no checkpoint.
-    return [*_common(data, run_dir), "train.global_batch=16", "train.micro_batch=4", "data.num_workers=2",
+    return [*_common(data, run_dir), "train.micro_batch=4", "data.num_workers=2",
             "data.shuffle_buffer=50", "data.augment=random_resized_crop", "eval.interval=4"]
 
 
@@ -59,10 +46,10 @@ CASES = {
         *_stage2(d, run), f"data.train_embedding_shards={s}/train-{{000000..000003}}.tar",
         f"data.eval_embedding_shards={s}/eval-000000.tar", "model.llm.tokenizer=''"]),
     "llm2clip_cc": ("llm2clip_cc_tiny.yaml", lambda d, s, r, run: [
-        *_common(d, run), "train.global_batch=16", "train.micro_batch=4", f"stage1.eval_pairs={d}/eval-000000.tar",
+        *_common(d, run), "train.micro_batch=4", f"stage1.eval_pairs={d}/eval-000000.tar",
         "data.shuffle_buffer=50", "eval.interval=4"]),
     "proclip_inherit": ("proclip_inherit_tiny.yaml", lambda d, s, r, run: [
-        *_common(d, run), "train.global_batch=16", "train.micro_batch=8", "data.num_workers=1",
+        *_common(d, run), "data.num_workers=1",
         f"proclip.teacher_text={r}/text"]),
     "proclip_stage2": ("tiny_cpu.yaml", lambda d, s, r, run: [
         *_stage2(d, run), "train.self_distill_weight=1.0", "train.ema_momentum=0.9"]),

@@ -7,15 +7,12 @@ concatenated batch. Offline: training from float32 sidecar embeddings reproduces
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from llm2clip_scale.config import load_config
-from llm2clip_scale.config.load import expand_shards
-from llm2clip_scale.data.synthetic import SyntheticParams, build_synthetic_dataset
 from tests.multiprocess import run_on_ranks
 from tests.test_train_stage2 import _losses, _overrides, _train
 
@@ -24,11 +21,8 @@ LOCAL_BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    build_synthetic_dataset(out, SyntheticParams(train_samples=256, eval_samples=32, image_size=32,
-                                                 samples_per_shard=64, seed=1))
-    return out
+def dataset(tiny_data: Path) -> Path:
+    return tiny_data  # the session's shared set (conftest.py)
 
 
 def _config(data: Path, tp: int):
@@ -120,21 +114,8 @@ def test_tp2_online_features_hold_each_sample_once_and_loss_matches(dataset: Pat
     torch.testing.assert_close(scale_grad, reference["scale_grad"], rtol=1e-5, atol=1e-7)
 
 
-def _embed_sidecars(data: Path, out: Path) -> None:
-    spec = importlib.util.spec_from_file_location("embed_captions", REPO / "data_prep" / "embed_captions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from llm2clip_scale.distributed.topology import init_distributed
-
-    init_distributed("gloo")
-    cfg = _config(data, tp=1)
-    urls = expand_shards(cfg.data.train_shards) + expand_shards(cfg.data.eval_shards)
-    module.embed_captions(cfg, urls, out, dtype="float32")
-
-
-def test_offline_sidecars_reproduce_the_online_run(dataset: Path, tmp_path: Path) -> None:
-    sidecars = tmp_path / "sidecars"
-    run_on_ranks(_embed_sidecars, 1, dataset, sidecars)
+def test_offline_sidecars_reproduce_the_online_run(dataset: Path, tiny_sidecars: Path, tmp_path: Path) -> None:
+    sidecars = tiny_sidecars  # data_prep/embed_captions.py over the same set, float32 (conftest.py)
     steps = 4
     online = _overrides(dataset, tmp_path / "online", steps)
     offline = [*_overrides(dataset, tmp_path / "offline", steps),

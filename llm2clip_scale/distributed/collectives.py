@@ -45,3 +45,10 @@ def gather_in_sample_order(index: torch.Tensor, *rows: torch.Tensor) -> tuple[to
     """
     order = torch.argsort(all_gather_rows(index)[0])
     return tuple(all_gather_rows(part)[0][order] for part in rows)
+
+
+def sum_over_ranks(value: int, device: torch.device, group: dist.ProcessGroup | None = None) -> int:
+    """An integer summed over the ranks of ``group`` (the world by default); every rank gets the total."""
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(total, group=group)
+    return int(total.item())

@@ -16,7 +16,6 @@ structure within the local batch, see losses/proclip.py); DeepSpeed averages the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,8 +37,8 @@ from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.models.warm_start import save_adapter
 from llm2clip_scale.train.engine import build_engine
 from llm2clip_scale.train.loop import run
-from llm2clip_scale.train.stage2 import needs_llm, sum_over_ranks
-from llm2clip_scale.train.task import StepOutput
+from llm2clip_scale.train.stage2 import needs_llm
+from llm2clip_scale.train.task import EngineTask, StepOutput
 
 log = logging.getLogger("llm2clip_scale.train")
 
@@ -145,7 +144,7 @@ def evaluate(step_fn: InheritStep, cfg: Config, topo: Topology) -> dict:
     return agreement_metrics(all_students.cpu(), all_teachers.cpu())
 
 
-class ProCLIPInheritTask:
+class ProCLIPInheritTask(EngineTask):
     """ProCLIP stage 1 for the one loop (train/loop.py): the adapter alone under DeepSpeed, against the teacher."""
 
     name = RUN_NAME
@@ -169,15 +168,6 @@ class ProCLIPInheritTask:
             topo.world_size, cfg.train.seed, cfg.data.max_text_len,
         )
 
-    def before_training(self) -> dict:
-        return {}
-
-    def batches(self) -> Iterator[list[dict]]:
-        accumulation = self.engine.gradient_accumulation_steps()
-        stream = iter(self.loader)
-        while True:
-            yield [next(stream) for _ in range(accumulation)]
-
     def step(self, micro_batches: list[dict]) -> StepOutput:
         totals = torch.zeros(3, dtype=torch.float64)
         for batch in micro_batches:
@@ -191,20 +181,11 @@ class ProCLIPInheritTask:
     def evaluate(self) -> dict | None:
         return evaluate(self.step_fn, self.cfg, self.topo) if self.cfg.data.eval_shards else None
 
-    def skipped_samples(self) -> int:
-        return sum_over_ranks(sum(self.loader.skipped().values()), self.topo.device)
-
-    def data_key(self) -> tuple:
-        return ("rank", self.topo.rank, self.topo.world_size)
-
     def state(self) -> TaskState:
-        return TaskState(engine=self.engine, rank={"loader": self.loader.state_dict()})
+        return TaskState(engine=self.engine, rank=self.loader_state())
 
     def load_state(self, shared: dict, rank: dict | None) -> None:
-        if rank is not None:
-            self.loader.load_state_dict(rank["loader"])
-        else:
-            self.loader.start_fresh_pass()
+        self.load_loader_state(rank)
 
     def finish(self) -> dict:
         """Write ``<checkpoint.dir>/adapter.safetensors``, which ProCLIP stage 2 loads through model.adapter_init."""

@@ -8,11 +8,9 @@ The path of one batch, top to bottom:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from llm2clip_scale.checkpoint.manager import TaskState
@@ -29,7 +27,7 @@ from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.train.ema import EMATeacher
 from llm2clip_scale.train.engine import build_engine, clamp_logit_scale
 from llm2clip_scale.train.loop import run
-from llm2clip_scale.train.task import StepOutput
+from llm2clip_scale.train.task import EngineTask, StepOutput
 
 log = logging.getLogger("llm2clip_scale.train")
 
@@ -138,7 +136,7 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
     return retrieval_recall(all_images.cpu(), all_texts.cpu())
 
 
-class Stage2Task:
+class Stage2Task(EngineTask):
     """Stage 2 for the one loop (train/loop.py): vision tower + adapter + logit scale under DeepSpeed."""
 
     name = "stage2"
@@ -163,15 +161,6 @@ class Stage2Task:
             topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
         )
 
-    def before_training(self) -> dict:
-        return {}
-
-    def batches(self) -> Iterator[list[dict]]:
-        accumulation = self.engine.gradient_accumulation_steps()
-        stream = iter(self.loader)
-        while True:
-            yield [next(stream) for _ in range(accumulation)]
-
     def step(self, micro_batches: list[dict]) -> StepOutput:
         loss = sum(self.step_fn(batch) for batch in micro_batches) / len(micro_batches)
         return StepOutput(loss=loss, applied=self.engine.was_step_applied(), metrics={
@@ -183,36 +172,18 @@ class Stage2Task:
     def evaluate(self) -> dict | None:
         return evaluate(self.step_fn, self.cfg, self.topo) if self.cfg.data.eval_shards else None
 
-    def skipped_samples(self) -> int:
-        return sum_over_ranks(sum(self.loader.skipped().values()), self.topo.device)
-
-    def data_key(self) -> tuple:
-        return ("rank", self.topo.rank, self.topo.world_size)
-
     def state(self) -> TaskState:
         shared = {}
         if self.teacher is not None:
             shared[EMA_FILE] = self.teacher.teacher.state_dict()
-        return TaskState(engine=self.engine, shared=shared, rank={"loader": self.loader.state_dict()})
+        return TaskState(engine=self.engine, shared=shared, rank=self.loader_state())
 
     def load_state(self, shared: dict, rank: dict | None) -> None:
         if self.teacher is not None:
             self.teacher.teacher.load_state_dict(shared[EMA_FILE])
-        if rank is not None:
-            self.loader.load_state_dict(rank["loader"])
-        else:
-            self.loader.start_fresh_pass()
-
-    def finish(self) -> dict:
-        return {}
+        self.load_loader_state(rank)
 
 
 def train_stage2(cfg: Config) -> dict:
     """Train stage 2 from ``cfg``; returns the final metrics (on every rank)."""
     return run(cfg, Stage2Task())
-
-
-def sum_over_ranks(value: int, device: torch.device) -> int:
-    total = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(total)
-    return int(total.item())

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.schema import Config
+from llm2clip_scale.distributed.collectives import sum_over_ranks
 from llm2clip_scale.distributed.topology import Topology
 
 
@@ -64,3 +65,41 @@ class TrainingTask(Protocol):
 
     def finish(self) -> dict:
         """Final artifacts (adapter or LoRA files, collective) and result entries."""
+
+
+class EngineTask:
+    """What the DeepSpeed stages share (stage 2, ProCLIP inheritance): one engine fed by this rank's TrainLoader,
+    one list of micro-batches per optimizer step, data coordinates (rank, world), the loader position as rank state.
+    Subclasses set ``engine``, ``loader`` and ``topo`` in ``build`` and write ``step``, ``evaluate`` and ``state``.
+    """
+
+    engine: Any
+    loader: Any  # llm2clip_scale.data.loader.TrainLoader
+    topo: Topology
+
+    def before_training(self) -> dict:
+        return {}
+
+    def batches(self) -> Iterator[list[dict]]:
+        accumulation = self.engine.gradient_accumulation_steps()
+        stream = iter(self.loader)
+        while True:
+            yield [next(stream) for _ in range(accumulation)]
+
+    def skipped_samples(self) -> int:
+        return sum_over_ranks(sum(self.loader.skipped().values()), self.topo.device)
+
+    def data_key(self) -> tuple:
+        return ("rank", self.topo.rank, self.topo.world_size)
+
+    def loader_state(self) -> dict:
+        return {"loader": self.loader.state_dict()}
+
+    def load_loader_state(self, rank: dict | None) -> None:
+        if rank is None:
+            self.loader.start_fresh_pass()
+        else:
+            self.loader.load_state_dict(rank["loader"])
+
+    def finish(self) -> dict:
+        return {}
