@@ -14,6 +14,7 @@ none matches, data streams start afresh with new seeds and a warning — the mod
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -79,14 +80,12 @@ class Restored:
     shared: dict[str, dict[str, torch.Tensor]]
 
 
+@functools.cache
 def library_versions() -> dict[str, str]:
-    import deepspeed
-    import megatron.core
-    import timm
-    import transformers
+    from importlib.metadata import version  # metadata only: importing transformers here would cost seconds
 
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "megatron-core": megatron.core.__version__,
-            "transformers": transformers.__version__, "timm": timm.__version__}
+    return {name: version(name) for name in ("torch", "deepspeed", "megatron-core", "transformers", "timm",
+                                             "webdataset")}
 
 
 def layout_of(topo: Topology, cfg: Config) -> dict:
@@ -101,6 +100,8 @@ class CheckpointManager:
         self.root = Path(cfg.checkpoint.dir)
         self.writer = BackgroundWriter(cfg.checkpoint.async_save)
         self._inflight: _InFlight | None = None
+        self._buffers: dict[str, list[torch.Tensor]] = {}  # host snapshot buffers, reused from save to save
+        self._config = _plain_config(cfg)
         self.last_committed: Path | None = None
         if topo.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        files = PendingFiles(tmp)
+        files = PendingFiles(tmp, self._buffers)
         if state.engine is not None:
             deferred = install_deferred_engine(state.engine)
             deferred.pending = files
@@ -139,13 +140,13 @@ class CheckpointManager:
         })
         if self.topo.is_main:
             for name, content in state.shared.items():
-                files.add(tmp / name, _shared_writer(cpu_snapshot(content)))
+                files.add(tmp / name, _shared_writer(cpu_snapshot(content, self._buffers.setdefault(name, []))))
         keys: list = [None] * self.topo.world_size
         dist.all_gather_object(keys, list(data_key))
         manifest = {
             "step": step, "stage": self.stage, "layout": layout_of(self.topo, self.cfg),
             "samples_seen": loop_state.get("samples_seen"), "rank_data_keys": keys, "shared": sorted(state.shared),
-            "versions": library_versions(), "config": _plain_config(self.cfg),
+            "versions": library_versions(), "config": self._config,
         }
         self._inflight = _InFlight(step, tmp, self.writer.submit(files), manifest, started)
         log.debug("step %d: checkpoint snapshot took %.3f s", step, time.perf_counter() - started)
@@ -185,8 +186,8 @@ class CheckpointManager:
             for _, records in outcomes:
                 files.update(records)
             for extra in layout.list_files(inflight.tmp):  # small files libraries wrote inline (zero_to_fp32.py)
-                name, record = layout.file_record(extra, inflight.tmp)
-                files.setdefault(name, record)
+                if extra.relative_to(inflight.tmp).as_posix() not in files:
+                    files.update([layout.file_record(extra, inflight.tmp)])
             manifest = {**inflight.manifest, "files": dict(sorted(files.items()))}
             (inflight.tmp / layout.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
             layout.commit(inflight.tmp, final)
