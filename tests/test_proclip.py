@@ -160,7 +160,7 @@ def test_stage1_trains_and_stage2_starts_from_its_adapter(
                  f"model.vision_head_init={ref}/vision.safetensors"]
     stage2 = run_on_ranks(_stage2, 2, overrides)
     assert stage2[0]["num_samples"] == 32
-    module = torch.load(run / "ckpt" / "step1" / "mp_rank_00_model_states.pt", map_location="cpu",
+    module = torch.load(run / "ckpt" / "step1" / "vision" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)["module"]
     with torch.no_grad():
         stage2_adapter = LLMAdapter(cfg2.model.adapter, cfg2.model.embed_dim)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, tiny_overrides
 
-STEPS = 8
+STEPS = 6
 INTERVAL = 2
 
 
@@ -37,7 +37,7 @@ def _stage2(data: Path, run_dir: Path) -> list[str]:
     # 2 ranks x 2 loader workers, caption-field mixing, shuffling and random crops: the data position of every
     # worker must be restored, and gradient accumulation (2 micro-steps) crosses no checkpoint.
     return [*_common(data, run_dir), "train.micro_batch=4", "data.num_workers=2",
-            "data.shuffle_buffer=50", "data.augment=random_resized_crop", "eval.interval=4"]
+            "data.shuffle_buffer=50", "data.augment=random_resized_crop", "eval.interval=3"]
 
 
 CASES = {
@@ -47,7 +47,7 @@ CASES = {
         f"data.eval_embedding_shards={s}/eval-000000.tar", "model.llm.tokenizer=''"]),
     "llm2clip_cc": ("llm2clip_cc_tiny.yaml", lambda d, s, r, run: [
         *_common(d, run), "train.micro_batch=4", f"stage1.eval_pairs={d}/eval-000000.tar",
-        "data.shuffle_buffer=50", "eval.interval=4"]),
+        "data.shuffle_buffer=50", "eval.interval=3"]),
     "proclip_inherit": ("proclip_inherit_tiny.yaml", lambda d, s, r, run: [
         *_common(d, run), "data.num_workers=1",
         f"proclip.teacher_text={r}/text"]),

@@ -86,7 +86,7 @@ def main() -> None:
             manager.save(step, state, {"step": step}, ("rank", topo.rank), block=not asynchronous)
             stall = time.perf_counter() - start
             for _ in range(args.steps_between):
-                inflight = manager._inflight is not None
+                inflight = manager.in_flight
                 elapsed = train_step()
                 if inflight:
                     during.append(elapsed)

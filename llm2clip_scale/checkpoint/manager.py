@@ -153,6 +153,11 @@ class CheckpointManager:
         if block:
             self.wait()
 
+    @property
+    def in_flight(self) -> bool:
+        """A save is snapshotted but not yet committed."""
+        return self._inflight is not None
+
     def poll(self) -> None:
         """At a step boundary: commit the save in flight if every rank has finished writing it (collective)."""
         if self._inflight is None:

@@ -111,7 +111,8 @@ class _Cursor:
 class _TrainStream(IterableDataset):
     """One rank's infinite stream of training batches; built fresh in each worker so seeds see the worker id.
 
-    Exact resume without replaying the run: the stream is cut into blocks of ``data.shuffle_block_shards`` shards.
+    Exact resume without replaying the run: the stream is cut into blocks of ``data.shuffle_block_shards`` distinct
+    shards.
     Block ``k`` of a worker's stream draws its shards and its shuffle order from seeds of (seed, rank, worker, pass,
     k) alone, and the shuffle buffer drains at the block's end, so a position is just (block, raw samples taken from
     it). Every batch carries the position after its last sample, the caption/augmentation RNG states and the skip
@@ -150,8 +151,10 @@ class _TrainStream(IterableDataset):
         sidecars = {image: sidecar for image, sidecar in self.shards}
         urls = list(sidecars)
         for block in itertools.count(cursor.block):
-            draw = seeded("shards", *stream, block)
-            sources = [{"url": url, "sidecar": sidecars[url]} for url in draw.choices(urls, k=cfg.shuffle_block_shards)]
+            # Distinct shards within a block (drawn with replacement across blocks): a rank holding few shards must
+            # not see one sample several times within one shuffle window.
+            draw = seeded("shards", *stream, block).sample(urls, k=min(cfg.shuffle_block_shards, len(urls)))
+            sources = [{"url": url, "sidecar": sidecars[url]} for url in draw]
             samples: Iterator[dict] = read_paired_shards(sources, skips)  # plain shards pass through (sidecar None)
             if cfg.shuffle_buffer > 1:
                 samples = wds.shuffle(cfg.shuffle_buffer, rng=seeded("shuffle", *stream, block))(samples)

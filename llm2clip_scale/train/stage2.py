@@ -109,7 +109,8 @@ class Stage2Step:
         # Asked before step(): DeepSpeed's answer refers to the micro-step that step() is about to finish.
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        if boundary:
+        # A skipped (non-finite) step leaves the student as it was; the teacher must not move either.
+        if boundary and self.engine.was_step_applied():
             clamp_logit_scale(self.engine.module)
             if self.teacher is not None:
                 self.teacher.update(self.engine.module.vision)
