@@ -156,19 +156,19 @@ def _train(cfg: Config, task: TrainingTask, topo: Topology, loop: LoopState, che
             loop.consecutive_skips += 1
             log.warning("step %d: loss %s or a gradient is not finite; step skipped (%d in a row, %d in all)",
                         loop.step, loss, loop.consecutive_skips, loop.skipped_steps)
-            if loop.consecutive_skips >= cfg.train.max_consecutive_skipped_steps:
-                checkpoints.wait()  # every rank stops here together, so a save in flight can still be committed
-                raise FloatingPointError(
-                    f"{loop.consecutive_skips} consecutive steps up to step {loop.step} had a non-finite loss or "
-                    f"gradient (train.max_consecutive_skipped_steps={cfg.train.max_consecutive_skipped_steps}); "
-                    f"stopping. The last good checkpoint ({checkpoints.last_committed or 'none yet'}) is intact: "
-                    "lower optim.lr or check the data, then resume from it"
-                )
         logger.log_step(loop.step, {
             "loss": loss, **dict(zip(names, terms)), **out.metrics,
             "samples_per_s": cfg.train.global_batch / (time.perf_counter() - step_start),
             "skipped_samples": task.skipped_samples(), "skipped_steps": loop.skipped_steps,
         })
+        if loop.consecutive_skips >= cfg.train.max_consecutive_skipped_steps:
+            checkpoints.wait()  # every rank stops here together, so a save in flight can still be committed
+            raise FloatingPointError(
+                f"{loop.consecutive_skips} consecutive steps up to step {loop.step} had a non-finite loss or "
+                f"gradient (train.max_consecutive_skipped_steps={cfg.train.max_consecutive_skipped_steps}); "
+                f"stopping. The last good checkpoint ({checkpoints.last_committed or 'none yet'}) is intact: "
+                "lower optim.lr or check the data, then resume from it"
+            )
         checkpoints.poll()
         last = loop.step == cfg.train.steps
         if eval_interval and loop.step % eval_interval == 0 and not last:
