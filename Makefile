@@ -22,7 +22,7 @@ $(DATA)/dataset.json: | $(STAMP)
 	$(PY) data_prep/make_synthetic.py --out $(DATA)
 
 demo: $(STAMP) $(DATA)/dataset.json
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m llm2clip_scale train configs/tiny_cpu.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m llm2clip_scale train configs/tiny_cpu.yaml train.resume=none
 
 test: $(STAMP)
 	$(PY) -m ruff check llm2clip_scale data_prep tools tests
