@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -117,8 +118,6 @@ class CheckpointManager:
         tmp = layout.tmp_dir(self.root, step)
         if self.topo.is_main:
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()

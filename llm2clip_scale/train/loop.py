@@ -63,9 +63,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _agree(values: list[float], device: torch.device, op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+def _agree(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
+    dist.all_reduce(tensor)
     return tensor.tolist()
 
 
@@ -142,7 +142,9 @@ def _train(cfg: Config, task: TrainingTask, topo: Topology, loop: LoopState, che
         step_start = time.perf_counter()
         out = task.step(next(batches))
         names = list(out.terms)
-        loss, *terms = (value / topo.world_size for value in _agree([out.loss, *out.terms.values()], topo.device))
+        # One collective per step: the local values and the stop flag (summed, so any rank's flag stops all).
+        *values, stop_votes = _agree([out.loss, *out.terms.values(), float(_STOP.is_set())], topo.device)
+        loss, *terms = (value / topo.world_size for value in values)
         loop.step += 1
         loop.samples_seen += cfg.train.global_batch
         if out.applied and not math.isfinite(loss):
@@ -175,7 +177,7 @@ def _train(cfg: Config, task: TrainingTask, topo: Topology, loop: LoopState, che
             metrics = task.evaluate()
             if metrics is not None:
                 logger.log_eval(loop.step, metrics)
-        stop = _agree([float(_STOP.is_set())], topo.device, op=dist.ReduceOp.MAX)[0] > 0
+        stop = stop_votes > 0
         if last or stop or (interval and loop.step % interval == 0):
             checkpoints.save(loop.step, task.state(), dataclasses.asdict(loop), task.data_key(), block=last or stop)
         if stop and not last:
