@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DATA := data/synthetic
 NPROC ?= 2
 
-.PHONY: demo test lint env
+.PHONY: demo test lint env env-gpu slurm-up
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -24,9 +24,25 @@ $(DATA)/dataset.json: | $(STAMP)
 demo: $(STAMP) $(DATA)/dataset.json
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m llm2clip_scale train configs/tiny_cpu.yaml train.resume=none
 
-test: $(STAMP)
+# The Slurm tests (tests/test_slurm.py) run against a real one-node Slurm: slurm/local/start.sh installs Debian's
+# packages and starts the daemons (root only). Elsewhere those tests skip, saying so; CI sets LLM2CLIP_REQUIRE_SLURM=1.
+test: $(STAMP) slurm-up
 	$(PY) -m ruff check llm2clip_scale data_prep tools tests
 	$(PY) -m pytest -q tests
+
+slurm-up:
+	@if [ "$$(id -u)" = 0 ]; then slurm/local/start.sh; \
+	else echo "*** not root: the local Slurm is not started; tests/test_slurm.py will skip ***"; fi
+
+# CUDA nodes: the CUDA torch of PyPI and the GPU extras instead of the CPU pins (see README, "Installing on a GPU
+# cluster"). The container recipe docker/Dockerfile.ngc is the other way (NGC ships apex, TE and flash-attn).
+env-gpu:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[gpu]' --no-build-isolation
+	tools/install_apex.sh $(PY)
+	$(VENV)/bin/llm2clip-scale env
 
 lint: $(STAMP)
 	$(PY) -m ruff check llm2clip_scale data_prep tools tests

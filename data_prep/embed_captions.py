@@ -94,6 +94,17 @@ def embed_captions(
     )
 
 
+def shard_slice(urls: Sequence[str], part: str) -> list[str]:
+    """The ``I``-th of ``N`` contiguous, near-equal slices of ``urls`` (``part`` = "I/N"); together they cover all."""
+    try:
+        index, count = (int(value) for value in part.split("/"))
+    except ValueError:
+        raise ValueError(f"--part {part!r}: use I/N, e.g. 3/16") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--part {part!r}: I must lie in 0..N-1")
+    return list(urls[len(urls) * index // count: len(urls) * (index + 1) // count])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config (model.llm, parallel.tensor_parallel, data.max_text_len, ...)")
@@ -102,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fields", default="", help="comma-separated caption fields (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=64, help="captions per tower forward")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored vector dtype")
+    parser.add_argument("--part", default="0/1", help="I/N: embed only the I-th of N contiguous slices of the shards "
+                        "(one Slurm array task each: --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tensor_parallel=2")
     # Intermixed: overrides may follow the options (CONFIG --shards P --out D key=value), which parse_args rejects.
     return parser.parse_intermixed_args(argv)
@@ -117,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if not urls:
         print(f"embed_captions: --shards {args.shards!r} matches no shards", file=sys.stderr)
         return 2
+    try:
+        urls = shard_slice(urls, args.part)
+    except ValueError as err:
+        print(f"embed_captions: {err}", file=sys.stderr)
+        return 2
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] or None
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_minutes)
     started = time.perf_counter()
     try:
         report = embed_captions(cfg, urls, args.out, fields, args.batch_size, args.dtype)

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.zero_stage=2")
     check.add_argument("--world-size", type=int, default=None, help="ranks to validate against (default: env)")
     check.add_argument("--print", action="store_true", help="print the merged config as YAML")
+    from llm2clip_scale.launch.submit import add_submit_parser
+
+    add_submit_parser(commands)
     env = commands.add_parser("env", help="print versions, devices and which fused kernels are active, and why")
     env.add_argument("--json", action="store_true", help="print the report as one JSON object")
     inspect = commands.add_parser("inspect", help="a checkpoint's step, config, layout, files and integrity")
@@ -87,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options (``validate cfg.yaml --world-size 4 train.lr=1``): collect the leftovers too.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-")]
-    if unknown or (args.command in ("env", "inspect") and extra):
+    if args.command != "submit" and (unknown or (args.command in ("env", "inspect") and extra)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if args.command == "env":  # needs no config
         return _env(args.json)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "submit":
+        from llm2clip_scale.launch.submit import submit
+
+        return submit(args, extra)
     args.overrides = [*args.overrides, *extra]
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     logging.basicConfig(
@@ -114,19 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    if args.command == "cra":
+    if args.command == "train":
+        from llm2clip_scale.launch.preemption import train_with_preemption
+
+        result = train_with_preemption(cfg)  # shuts the process groups down, and requeues when a signal asked
+    else:
+        from llm2clip_scale.distributed.topology import shutdown
         from llm2clip_scale.train.llm2clip_cc import evaluate_checkpoint_cra
 
         result = evaluate_checkpoint_cra(cfg, args.lora)
-    else:
-        from llm2clip_scale.train import run_training
-
-        result = run_training(cfg)
+        shutdown()
     if rank == 0:
         print(json.dumps(result), flush=True)
-    from llm2clip_scale.distributed.topology import shutdown
-
-    shutdown()
     return 0
 
 

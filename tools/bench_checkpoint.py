@@ -50,7 +50,7 @@ def main() -> None:
         f"model.vision.timm_kwargs={{patch_size: 16, embed_dim: {args.vision_width}, depth: {args.vision_depth}, "
         f"num_heads: {heads}}}", "model.vision.image_size=224",
     ])
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_minutes)
     topo = build_topology(1, 1)
     cfg.train.micro_batch = args.batch
     cfg.train.global_batch = args.batch * topo.world_size

@@ -102,6 +102,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         problems.append(f"parallel.zero_stage: {par.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     if par.backend not in ("auto", "nccl", "gloo"):
         problems.append(f"parallel.backend: {par.backend!r} unknown; use auto, nccl or gloo")
+    if par.collective_timeout_minutes <= 0:
+        problems.append(f"parallel.collective_timeout_minutes: {par.collective_timeout_minutes} must be > 0 (e.g. 10)")
+    if par.watchdog_seconds < 0:
+        problems.append(f"parallel.watchdog_seconds: {par.watchdog_seconds} must be >= 0 (0 turns the watchdog off)")
 
     if train.micro_batch < 1 or train.global_batch < 1:
         problems.append("train.micro_batch/global_batch: must be >= 1")

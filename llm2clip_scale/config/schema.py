@@ -114,6 +114,11 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     zero_stage: int = 1
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    # A collective that waits longer than this raises on every rank (torch's default, 30 min, burns an allocation).
+    collective_timeout_minutes: float = 10.0
+    # A rank stuck this long in one phase of a step (data, step, loss all-reduce, eval, save) exits with an error
+    # naming the rank, the phase and the innermost frame, so srun --kill-on-bad-exit ends the job; 0 = off.
+    watchdog_seconds: float = 900.0
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> None:
+def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> None:
     """Initialise torch.distributed from torchrun (RANK/WORLD_SIZE) or Slurm (SLURM_PROCID/SLURM_NTASKS) variables.
 
     A single process with neither set becomes a world of one, so the same entry point serves debugging.
@@ -73,8 +73,11 @@ def build_topology(tp_size: int = 1, pp_size: int = 1) -> Topology:
     if world % (tp_size * pp_size):
         raise ValueError(f"TP ({tp_size}) x PP ({pp_size}) does not divide the world size {world}")
     if not parallel_state.model_parallel_is_initialized():
+        # No gloo twins of the DP groups: only megatron's distributed optimizer uses them (we do not), and at scale
+        # they are thousands of cross-node TCP connections made at start-up.
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size
+            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
+            create_gloo_process_groups=False,
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -356,7 +356,7 @@ def evaluate_checkpoint_cra(cfg: Config, lora: str | Path | None = None) -> dict
     if cfg.stage1.eval_pairs is None:
         raise ValueError("stage1.eval_pairs: not set; give the CRA split (shards or pair files)")
     validate(cfg)
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_minutes)
     topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     tower, _ = build_lora_tower(cfg, dtype, topo.device, lora=lora, trainable=False)

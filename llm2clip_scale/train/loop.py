@@ -29,6 +29,7 @@ from llm2clip_scale.checkpoint.rng import restore_rng
 from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
+from llm2clip_scale.distributed.watchdog import Watchdog
 from llm2clip_scale.metrics.logger import MetricLogger
 from llm2clip_scale.train.task import TrainingTask
 
@@ -39,7 +40,8 @@ _STOP = threading.Event()
 
 def request_stop() -> None:
     """Ask the loop to save and stop at the next step boundary. Safe from a signal handler: it only sets a flag;
-    the ranks agree on it (one all-reduce per step) so that all of them save the same step together."""
+    the ranks agree on it (one all-reduce per step) so that all of them save the same step together. A request
+    made before the first step (while the run is being built) stops after the first step."""
     _STOP.set()
 
 
@@ -83,10 +85,10 @@ def run(cfg: Config, task: TrainingTask) -> dict:
     """Train ``task`` under ``cfg``; returns the result dict on every rank (rank 0 also writes result.json)."""
     started = time.perf_counter()
     validate(cfg)
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_minutes)
     topo = build_topology(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    check_writable(cfg.checkpoint.dir, cfg.logging.dir)
     seed_everything(cfg.train.seed)
-    _STOP.clear()
     task.build(cfg, topo)
     checkpoints = CheckpointManager(cfg, topo, task.name)
     loop = LoopState()
@@ -104,7 +106,12 @@ def run(cfg: Config, task: TrainingTask) -> dict:
     if rng is not None:
         restore_rng(rng)  # last: building and loading drew from the generators
     train_start = time.perf_counter()
-    stopped = _train(cfg, task, topo, loop, checkpoints, logger)
+    watchdog = Watchdog(cfg.parallel.watchdog_seconds, topo.rank)
+    try:
+        stopped = _train(cfg, task, topo, loop, checkpoints, logger, watchdog)
+    finally:
+        watchdog.close()
+        _STOP.clear()  # not at the start: a signal that arrived while the run was being built must still stop it
     checkpoints.close()
     train_seconds = time.perf_counter() - train_start
 
@@ -133,19 +140,38 @@ def run(cfg: Config, task: TrainingTask) -> dict:
     return result
 
 
+def check_writable(*directories: str) -> None:
+    """Create each directory and write a probe file from every rank now, not at the first save hours later."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for directory in directories:
+        probe = Path(directory) / f".write-probe-rank{rank}"
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(f"rank {rank} cannot write to {directory!r} ({err}); point checkpoint.dir and "
+                                  "logging.dir at a writable (shared) file system") from err
+
+
 def _train(cfg: Config, task: TrainingTask, topo: Topology, loop: LoopState, checkpoints: CheckpointManager,
-           logger: MetricLogger) -> bool:
+           logger: MetricLogger, watchdog: Watchdog) -> bool:
     """Steps from ``loop.step + 1`` to ``train.steps``; returns True when stopped early by :func:`request_stop`."""
     batches = task.batches()
     interval, eval_interval = cfg.checkpoint.interval, cfg.eval.interval
     while loop.step < cfg.train.steps:
         step_start = time.perf_counter()
-        out = task.step(next(batches))
+        step = loop.step + 1
+        with watchdog.phase("waiting for the data loader", step):
+            batch = next(batches)
+        with watchdog.phase("in the training step (forward, backward, gradient all-reduce, optimizer)", step):
+            out = task.step(batch)
         names = list(out.terms)
         # One collective per step: the local values and the stop flag (summed, so any rank's flag stops all).
-        *values, stop_votes = _agree([out.loss, *out.terms.values(), float(_STOP.is_set())], topo.device)
+        with watchdog.phase("in the loss all-reduce (a peer has not reached it)", step):
+            *values, stop_votes = _agree([out.loss, *out.terms.values(), float(_STOP.is_set())], topo.device)
         loss, *terms = (value / topo.world_size for value in values)
-        loop.step += 1
+        loop.step = step
         loop.samples_seen += cfg.train.global_batch
         if out.applied and not math.isfinite(loss):
             raise RuntimeError(f"step {loop.step}: the task applied an update with a non-finite loss ({loss})")
@@ -171,15 +197,19 @@ def _train(cfg: Config, task: TrainingTask, topo: Topology, loop: LoopState, che
                 f"stopping. The last good checkpoint ({checkpoints.last_committed or 'none yet'}) is intact: "
                 "lower optim.lr or check the data, then resume from it"
             )
-        checkpoints.poll()
+        with watchdog.phase("committing a background checkpoint save", step):
+            checkpoints.poll()
         last = loop.step == cfg.train.steps
         if eval_interval and loop.step % eval_interval == 0 and not last:
-            metrics = task.evaluate()
+            with watchdog.phase("in evaluation", step):
+                metrics = task.evaluate()
             if metrics is not None:
                 logger.log_eval(loop.step, metrics)
         stop = stop_votes > 0
         if last or stop or (interval and loop.step % interval == 0):
-            checkpoints.save(loop.step, task.state(), dataclasses.asdict(loop), task.data_key(), block=last or stop)
+            with watchdog.phase("saving a checkpoint", step):
+                checkpoints.save(loop.step, task.state(), dataclasses.asdict(loop), task.data_key(),
+                                 block=last or stop)
         if stop and not last:
             log.warning("stop requested: saved step %d and stopping", loop.step)
             return True
