@@ -31,8 +31,9 @@ test: $(STAMP) slurm-up
 	$(PY) -m pytest -q tests
 
 slurm-up:
-	@if [ "$$(id -u)" = 0 ]; then slurm/local/start.sh; \
-	else echo "*** not root: the local Slurm is not started; tests/test_slurm.py will skip ***"; fi
+	@if [ "$$(id -u)" != 0 ]; then echo "*** not root: the local Slurm is not started; tests/test_slurm.py will skip ***"; \
+	elif ! slurm/local/start.sh; then echo "*** the local Slurm did not start; tests/test_slurm.py will skip ***"; \
+	  [ "$${LLM2CLIP_REQUIRE_SLURM:-0}" != 1 ]; fi
 
 # CUDA nodes: the CUDA torch of PyPI and the GPU extras instead of the CPU pins (see README, "Installing on a GPU
 # cluster"). The container recipe docker/Dockerfile.ngc is the other way (NGC ships apex, TE and flash-attn).

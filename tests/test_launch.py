@@ -3,10 +3,12 @@ parsing and early errors, and the writable-directory check. tests/test_slurm.py 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from llm2clip_scale.distributed.watchdog import Watchdog
 from llm2clip_scale.launch import preemption
 from llm2clip_scale.launch.submit import parse_time_minutes
 from llm2clip_scale.train import loop
-from tests.conftest import REPO, load_script
+from tests.conftest import REPO, load_script, tiny_overrides
 
 JOB_SCRIPTS = ["llm2clip_cc", "proclip_inherit", "stage2_vit_e", "stage2_so400m", "proclip_stage2", "embed_captions"]
 
@@ -132,3 +134,17 @@ def test_timeouts_are_validated() -> None:
     with pytest.raises(ConfigError) as err:
         validate(cfg, 2)
     assert "collective_timeout_minutes" in str(err.value) and "watchdog_seconds" in str(err.value)
+
+
+def test_submit_local_runs_the_job_with_submitits_local_executor(tiny_data: Path, tmp_path: Path) -> None:
+    """``submit --local``: submitit's local executor starts 2 ranks here; rank 0's result comes back with --wait."""
+    out = subprocess.run(
+        [sys.executable, "-m", "llm2clip_scale", "submit", "configs/tiny_cpu.yaml", "--local", "--gpus-per-node",
+         "2", "--cpus-per-task", "1", "--time", "10", "--folder", str(tmp_path / "submitit"), "--wait",
+         *tiny_overrides(tiny_data, tmp_path, 2)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["steps"] == 2 and result["checkpoint"] == str(tmp_path / "ckpt" / "step2")
+    assert json.loads((tmp_path / "logs" / "result.json").read_text()) == result

@@ -9,14 +9,17 @@ Without a reachable Slurm these tests skip, loudly; with LLM2CLIP_REQUIRE_SLURM=
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, tiny_overrides
@@ -176,6 +179,34 @@ def test_watchdog_ends_a_job_with_a_stalled_rank(tiny_data: Path, tmp_path: Path
     # Whichever rank's watchdog fires first, the stalled rank's frame or its peer's wait is named.
     assert "innermost frame:" in text, text
     assert time.monotonic() - started < 240  # the planted sleep is 600 s: the job did not wait it out
+
+
+def test_submitit_embedding_array_covers_every_shard_once(tiny_data: Path, tiny_sidecars: Path,
+                                                          tmp_path: Path) -> None:
+    """``submit --embed-captions --array 2``: two array tasks of 2 ranks each embed their halves of the shards; the
+    union equals the in-process embedding of the same shards (fp16 sidecars vs fp32, so to fp16 rounding)."""
+    out = tmp_path / "emb"
+    submit = subprocess.run(
+        [sys.executable, "-m", "llm2clip_scale", "submit", "configs/tiny_cpu.yaml", "--gpus-per-node", "2",
+         "--cpus-per-task", "1", "--no-exclusive", "--time", "20", "--folder", str(tmp_path / "submitit"),
+         "--embed-captions", f"{tiny_data}/train-{{000000..000003}}.tar", "--out", str(out), "--array", "2",
+         "--wait", f"model.llm.tokenizer={tiny_data}/tokenizer"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    assert submit.stdout.splitlines()[-2:] == ["0", "0"]  # --wait prints each array task's return value
+    written = sorted(path.name for path in out.glob("*.tar"))
+    assert written == [f"train-{i:06d}.tar" for i in range(4)]
+    for name in written:
+        got, expected = _vectors(out / name), _vectors(tiny_sidecars / name)
+        assert got.keys() == expected.keys() and got
+        for key, vector in got.items():
+            assert np.allclose(vector.astype(np.float32), expected[key], rtol=2e-3, atol=2e-3), key
+
+
+def _vectors(sidecar: Path) -> dict[str, np.ndarray]:
+    with tarfile.open(sidecar) as tar:
+        return {m.name: np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar if m.name.endswith(".npy")}
 
 
 def _assert_same_trajectory(run: Path, reference: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from llm2clip_scale.config import load_config
 from tests.multiprocess import run_on_ranks
-from tests.test_train_stage2 import _losses, _overrides, _train
+from tests.test_train_stage2 import _losses, _overrides, _train_each
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_BATCH = 4
@@ -122,7 +122,6 @@ def test_offline_sidecars_reproduce_the_online_run(dataset: Path, tiny_sidecars:
                f"data.train_embedding_shards={sidecars}/train-{{000000..000003}}.tar",
                f"data.eval_embedding_shards={sidecars}/eval-000000.tar",
                "model.llm.tokenizer=''"]
-    online_result = run_on_ranks(_train, 2, online)[0]
-    offline_result = run_on_ranks(_train, 2, offline)[0]
+    online_result, offline_result = run_on_ranks(_train_each, 2, [online, offline])[0]
     assert _losses(tmp_path / "offline" / "logs") == pytest.approx(_losses(tmp_path / "online" / "logs"), rel=1e-5)
     assert offline_result["r1_i2t"] == pytest.approx(online_result["r1_i2t"])

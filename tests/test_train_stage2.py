@@ -51,6 +51,12 @@ def _train(overrides: list[str]) -> dict:
     return train_stage2(load_config(REPO / "configs" / "tiny_cpu.yaml", overrides))
 
 
+def _train_each(runs: list[list[str]]) -> list[dict]:
+    # Several runs in one pair of rank processes: process start-up (torch, DeepSpeed, megatron imports) is most of
+    # a tiny run's time, and each run builds its own engine and loader over the same process groups.
+    return [_train(overrides) for overrides in runs]
+
+
 def _losses(log_dir: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -121,10 +127,9 @@ def test_zero_stages_and_tiled_loss_reproduce_the_reference_run(dataset: Path, t
         "zero3": ["parallel.zero_stage=3"],
         "tiled": ["parallel.zero_stage=0", "train.loss=infonce_tiled", "train.loss_tile_size=5"],
     }
-    losses = {}
-    for name, extra in variants.items():
-        run_on_ranks(_train, 2, [*_overrides(dataset, tmp_path / name, steps=4), *extra])
-        losses[name] = _losses(tmp_path / name / "logs")
+    run_on_ranks(_train_each, 2, [[*_overrides(dataset, tmp_path / name, steps=4), *extra]
+                                  for name, extra in variants.items()])
+    losses = {name: _losses(tmp_path / name / "logs") for name in variants}
     for name in variants:
         assert losses[name] == pytest.approx(losses["zero0"], rel=1e-5), name
     assert len(set(losses["zero0"])) == 4  # the runs really trained (the loss moved every step)
@@ -133,15 +138,13 @@ def test_zero_stages_and_tiled_loss_reproduce_the_reference_run(dataset: Path, t
 def test_siglip_and_proclip_self_distillation_train(dataset: Path, tmp_path: Path) -> None:
     siglip = [*_overrides(dataset, tmp_path / "siglip", steps=10), "train.loss=siglip", "model.logit_bias_init=-10",
               "model.logit_scale_init=2.3"]
-    run_on_ranks(_train, 2, siglip)
-    losses = _losses(tmp_path / "siglip" / "logs")
-    assert sum(losses[-3:]) / 3 < losses[0], losses
-
     proclip = [*_overrides(dataset, tmp_path / "proclip", steps=6), "train.self_distill_weight=1.0",
                "train.ema_momentum=0.5"]
     plain = _overrides(dataset, tmp_path / "plain", steps=6)
-    run_on_ranks(_train, 2, proclip)
-    run_on_ranks(_train, 2, plain)
+    run_on_ranks(_train_each, 2, [siglip, proclip, plain])
+    losses = _losses(tmp_path / "siglip" / "logs")
+    assert sum(losses[-3:]) / 3 < losses[0], losses
+
     distilled, reference = _losses(tmp_path / "proclip" / "logs"), _losses(tmp_path / "plain" / "logs")
     # Step 1: teacher == student, so the distillation term is exactly zero; afterwards it adds a positive term.
     assert distilled[0] == pytest.approx(reference[0], rel=1e-6)
@@ -153,8 +156,7 @@ def test_bf16_zero2_tracks_the_fp32_run(dataset: Path, tmp_path: Path) -> None:
     8 mantissa bits give ~4e-3 relative per op, and 4 steps compound it to a few percent at most."""
     fp32 = _overrides(dataset, tmp_path / "fp32", steps=4)
     bf16 = [*_overrides(dataset, tmp_path / "bf16", steps=4), "train.precision=bf16", "parallel.zero_stage=2"]
-    run_on_ranks(_train, 2, fp32)
-    run_on_ranks(_train, 2, bf16)
+    run_on_ranks(_train_each, 2, [fp32, bf16])
     reference, half = _losses(tmp_path / "fp32" / "logs"), _losses(tmp_path / "bf16" / "logs")
     assert half == pytest.approx(reference, rel=3e-2)
     assert half != reference  # bf16 really ran: the trajectories are close, not identical

@@ -172,5 +172,6 @@ def submit(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
     for job in jobs:
-        print(json.dumps(job.result()), flush=True)  # raises with the job's own traceback when it failed
+        # One result per task (rank); rank 0's stands for the job. Raises with the job's traceback when it failed.
+        print(json.dumps(job.results()[0]), flush=True)
     return 0
