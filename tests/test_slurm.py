@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import REPO, tiny_overrides
 
-STEPS = 12
+STEPS = 16  # the signal at step 5 must land before the last step, with room for a slow scancel
 SIGNAL_AT_STEP = 5
 SHRINK = ["--nodes=1", "--cpus-per-task=2", "--gpus-per-node=2"]  # the one-node CPU allocation
 
