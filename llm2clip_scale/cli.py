@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import warnings
 
 from llm2clip_scale.config.load import ConfigError, load_config, validate, world_size_from_env
+from llm2clip_scale.launch import configure_rank_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return submit(args, extra)
     args.overrides = [*args.overrides, *extra]
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
-    )
+    configure_rank_logging(rank)
     try:
         cfg = load_config(args.config, args.overrides)
         world_size = getattr(args, "world_size", None)

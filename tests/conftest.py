@@ -4,6 +4,7 @@ reference CLIP (the ProCLIP teacher), each built once per session."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def tiny_overrides(data: Path, run_dir: Path, steps: int, *extra: str) -> list[s
         "logging.tensorboard=false",
         *extra,
     ]
+
+
+def loss_records(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every step line in ``<run_dir>/logs/metrics.jsonl`` (``tiny_overrides``' layout), in order:
+    a resumed run appends, so ``dict()`` of this keeps the redone steps' later lines."""
+    path = run_dir / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
 def load_script(name: str):

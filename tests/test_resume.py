@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, loss_records, tiny_overrides
 
 STEPS = 6
 INTERVAL = 2
@@ -73,14 +73,6 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     assert code == 0, f"run failed ({code}):\n{log.read_text()[-5000:]}"
 
 
-def _loss_records(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
-
-
 def _kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, rng: random.Random) -> int:
     """SIGKILL the run's process group at a random step after its first checkpoint; return that step."""
     deadline = time.monotonic() + 600
@@ -90,7 +82,7 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, rng: ran
         if kill_at is None and latest.is_file():
             first = int(latest.read_text().strip().removeprefix("step"))
             kill_at = rng.randint(first + 1, STEPS - 1)
-        logged = [step for step, _ in _loss_records(run_dir)]
+        logged = [step for step, _ in loss_records(run_dir)]
         if kill_at is not None and logged and max(logged) >= kill_at:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -121,18 +113,18 @@ def test_sigkill_then_resume_is_bit_exact(case: str, tiny_data: Path, tiny_sidec
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     log = tmp_path / "log.txt"
     _finish(_launch(config, make(tiny_data, tiny_sidecars, tiny_reference_clip, reference), log), log)
-    expected = dict(_loss_records(reference))
+    expected = dict(loss_records(reference))
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     overrides = make(tiny_data, tiny_sidecars, tiny_reference_clip, interrupted)
     killed_at = _kill_after_first_checkpoint(_launch(config, overrides, log), interrupted, random.Random())
-    first_attempt = dict(_loss_records(interrupted))
+    first_attempt = dict(loss_records(interrupted))
     _finish(_launch(config, overrides, log), log)  # the same command: train.resume=auto
 
     # Two runs of one config agree exactly, step for step (determinism), up to the kill ...
     assert {s: first_attempt[s] for s in first_attempt} == {s: expected[s] for s in first_attempt}, killed_at
     # ... and the resumed run continues exactly where the uninterrupted one went.
-    resumed = dict(_loss_records(interrupted))  # later lines win: the steps redone after the resume
+    resumed = dict(loss_records(interrupted))  # later lines win: the steps redone after the resume
     assert resumed == expected, f"killed after step {killed_at}"
     final, reference_final = _final_parameters(interrupted), _final_parameters(reference)
     assert final.keys() == reference_final.keys()

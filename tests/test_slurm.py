@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, loss_records, tiny_overrides
 
 STEPS = 16  # the signal at step 5 must land before the last step, with room for a slow scancel
 SIGNAL_AT_STEP = 5
@@ -88,20 +88,15 @@ def _tail(log: Path, lines: int = 60) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
 
 
-def wait_for_step(metrics: Path, step: int, job: str, log: Path, timeout: float = 300) -> None:
+def wait_for_step(run: Path, step: int, job: str, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metrics.exists() and len(step_losses(metrics)) >= step:
+        if len(dict(loss_records(run))) >= step:
             return
         if job_field(job, "JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
             pytest.fail(f"job {job} ended before step {step}; log:\n{_tail(log)}")
         time.sleep(0.2)
     pytest.fail(f"job {job} did not reach step {step} in {timeout} s; log:\n{_tail(log)}")
-
-
-def step_losses(metrics: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +116,7 @@ def test_sbatch_stage2_runs_to_result(reference_run: Path) -> None:
     assert "stopped_early" not in result and "resumed_from" not in result
     log = (reference_run / "job.out").read_text()
     assert "1 node(s) x 2 ranks" in log  # the shrunk allocation: 2 ranks from --gpus-per-node=2
-    assert sorted(step_losses(reference_run / "logs" / "metrics.jsonl")) == list(range(1, STEPS + 1))
+    assert sorted(dict(loss_records(reference_run))) == list(range(1, STEPS + 1))
 
 
 def test_sbatch_time_limit_signal_saves_requeues_and_resumes_exactly(tiny_data: Path, reference_run: Path,
@@ -129,7 +124,7 @@ def test_sbatch_time_limit_signal_saves_requeues_and_resumes_exactly(tiny_data: 
     """USR1 (the scripts' warning before the time limit) twice: save, rank 0 requeues, the job resumes by itself."""
     log = tmp_path / "job.out"
     job = sbatch("stage2_vit_e.sh", log, _overrides(tiny_data, tmp_path))
-    wait_for_step(tmp_path / "logs" / "metrics.jsonl", SIGNAL_AT_STEP, job, log)
+    wait_for_step(tmp_path, SIGNAL_AT_STEP, job, log)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     # A second signal right behind the first, while the ranks finish the step and save: it only sets the flag
     # again. (Once the requeue has begun Slurm refuses signals and scancel retries for minutes: hence the timeout.)
@@ -157,7 +152,7 @@ def test_submitit_preemption_requeues_and_resumes_exactly(tiny_data: Path, refer
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.split("submitted 1 job(s): ")[1].split()[0]
     log = folder / f"{job}_0_log.err"
-    wait_for_step(tmp_path / "logs" / "metrics.jsonl", SIGNAL_AT_STEP, job, log)
+    wait_for_step(tmp_path, SIGNAL_AT_STEP, job, log)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     state = wait_for_job(job, log)
     assert state == "COMPLETED", f"job {job} ended {state}; log:\n{_tail(log)}"
@@ -210,8 +205,7 @@ def _vectors(sidecar: Path) -> dict[str, np.ndarray]:
 
 
 def _assert_same_trajectory(run: Path, reference: Path) -> None:
-    losses = step_losses(run / "logs" / "metrics.jsonl")
-    expected = step_losses(reference / "logs" / "metrics.jsonl")
+    losses, expected = dict(loss_records(run)), dict(loss_records(reference))
     assert sorted(losses) == list(range(1, STEPS + 1)), "a step is missing or repeated across the requeue"
     # Bit-exact on CPU, as the in-process resume tests: same data position, RNG, optimizer and schedule.
     assert losses == expected

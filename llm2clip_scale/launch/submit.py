@@ -21,6 +21,7 @@ from pathlib import Path
 import submitit
 
 from llm2clip_scale.config.load import ConfigError, load_config, validate
+from llm2clip_scale.launch import configure_rank_logging
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +73,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from llm2clip_scale.launch.preemption import train_with_preemption
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        _log_setup(int(os.environ["RANK"]))
+        configure_rank_logging(int(os.environ["RANK"]))
         requeue_signal = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         submitit_handler = signal.getsignal(requeue_signal)  # submitit's checkpoint_and_try_requeue
 
@@ -93,27 +94,19 @@ class EmbedCaptionsPart:
     """Array task ``index`` of ``parts``: data_prep/embed_captions.py on its slice of the shards."""
 
     def __init__(self, config: str, shards: str, out: str, parts: int, overrides: list[str]) -> None:
-        self.args = [config, "--shards", shards, "--out", out, "--part", "", *overrides]
-        self.parts = parts
+        self.config, self.shards, self.out, self.parts, self.overrides = config, shards, out, parts, list(overrides)
 
     def __call__(self, index: int) -> int:
         sys.path.insert(0, str(REPO / "data_prep"))
         from embed_captions import main as embed_main
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        _log_setup(int(os.environ["RANK"]))
-        args = [f"{index}/{self.parts}" if item == "" else item for item in self.args]
-        status = embed_main(args)
+        configure_rank_logging(int(os.environ["RANK"]))
+        status = embed_main([self.config, "--shards", self.shards, "--out", self.out,
+                             "--part", f"{index}/{self.parts}", *self.overrides])
         if status:
             raise RuntimeError(f"embed_captions part {index}/{self.parts} exited with status {status}")
         return status
-
-
-def _log_setup(rank: int) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s")
 
 
 def _executor(args: argparse.Namespace, name: str) -> submitit.AutoExecutor:
