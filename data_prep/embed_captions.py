@@ -3,7 +3,8 @@
     torchrun --nproc_per_node N data_prep/embed_captions.py CONFIG --shards PATTERN --out DIR [key=value ...]
 
 The tower is built from ``model.llm`` of CONFIG (``parallel.tensor_parallel`` ranks per tower, PP = 1), frozen, in
-``train.precision`` so offline vectors are those online stage 2 would compute. Whole image shards go to the
+``train.precision``, with a stage-1 LoRA merged when ``model.llm.lora_init`` names one, and captions tokenised in
+``model.llm.caption_format``, so offline vectors are those online stage 2 would compute. Whole image shards go to the
 LLM-data-parallel groups (shard i to group i % (N / TP)); TP rank 0 of a group reads the captions, all ranks of the
 group embed them, and TP rank 0 writes ``DIR/<image shard name>`` atomically. Sidecars already complete with the
 same settings are skipped, so an interrupted job is simply rerun. Point ``data.train_embedding_shards`` (or
@@ -40,9 +41,15 @@ def default_fields(cfg: Config) -> list[str]:
 
 def model_source(cfg: Config) -> dict:
     """What identifies the embedding model in the sidecar header: a restart with another model redoes the shards."""
+    from llm2clip_scale.checkpoint.layout import sha256_file
+    from llm2clip_scale.checkpoint.lora import resolve_lora_path
+
     llm = cfg.model.llm
     return {
         "hf_checkpoint": llm.hf_checkpoint,
+        # The stage-1 LoRA merged into the tower, by content: a retrained LoRA at the same path redoes the shards.
+        "lora_sha256": sha256_file(resolve_lora_path(llm.lora_init)) if llm.lora_init else None,
+        "caption_format": llm.caption_format,
         "seed": None if llm.hf_checkpoint else llm.seed,
         "num_layers": llm.num_layers,
         "hidden_size": llm.hidden_size,
@@ -91,6 +98,7 @@ def embed_captions(
         dtype=dtype,
         device=topo.device,
         source=model_source(cfg),
+        caption_format=cfg.model.llm.caption_format,
     )
 
 

@@ -1,5 +1,6 @@
-"""Fixtures shared by the resume, checkpoint and loop tests: one tiny data set, its offline sidecars and a tiny
-reference CLIP (the ProCLIP teacher), each built once per session."""
+"""Fixtures shared by the resume, checkpoint, loop, chaining and export tests: one tiny data set, its offline
+sidecars, a tiny reference CLIP (the ProCLIP teacher) and a tiny LLM2CLIP stage-1 checkpoint, each built once per
+session."""
 
 from __future__ import annotations
 
@@ -102,3 +103,40 @@ def tiny_reference_clip(tiny_data: Path, tmp_path_factory: pytest.TempPathFactor
     params = script.ReferenceParams(steps=3, batch=8, warmup=1, eval_samples=16, num_workers=0)
     script.train_reference_clip(tiny_data, out, params, overrides=TINY_VISION)
     return out
+
+
+def stage1_overrides(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """A short 2-rank LLM2CLIP stage-1 run (configs/llm2clip_cc_tiny.yaml) on ``tiny_data``: 16 pairs a step."""
+    return [
+        f"data.train_shards={data}/train-{{000000..000003}}.tar",
+        f"model.llm.tokenizer={data}/tokenizer",
+        "stage1.eval_pairs=null",
+        f"train.steps={steps}",
+        "train.warmup_steps=1",
+        "train.global_batch=16",
+        "train.micro_batch=4",
+        "data.max_text_len=64",
+        "optim.lr=5.0e-3",  # large enough that a few steps move the LoRA far from its zero start
+        f"checkpoint.dir={run_dir}/ckpt",
+        f"logging.dir={run_dir}/logs",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        *extra,
+    ]
+
+
+def _train_stage1(overrides: list[str]) -> dict:
+    from llm2clip_scale.config import load_config
+    from llm2clip_scale.train.llm2clip_cc import train_llm2clip_cc
+
+    return train_llm2clip_cc(load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml", overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint root of a 3-step, 2-rank LLM2CLIP stage-1 run (LoRA r=16 on every projection) on tiny_data."""
+    from tests.multiprocess import run_on_ranks
+
+    run_dir = tmp_path_factory.mktemp("tiny_stage1")
+    run_on_ranks(_train_stage1, 2, stage1_overrides(tiny_data, run_dir, steps=3))
+    return run_dir / "ckpt"

@@ -176,7 +176,7 @@ def _pipeline_worker(dirs: dict, tp: int, pp: int) -> dict:
     from megatron.core import parallel_state
 
     from llm2clip_scale.distributed.topology import build_topology, init_distributed
-    from llm2clip_scale.models.llm.group_embed import embed_local_batch
+    from llm2clip_scale.models.llm.embed import embed_local_batch
     from llm2clip_scale.models.llm.tower import build_text_tower
 
     init_distributed()

@@ -44,7 +44,7 @@ def _full_weights(tower: torch.nn.Module) -> dict[str, tuple[torch.Tensor, bool,
 
 def _tp1_worker() -> dict:
     from llm2clip_scale.distributed.topology import build_topology, init_distributed
-    from llm2clip_scale.models.llm.group_embed import embed_local_batch
+    from llm2clip_scale.models.llm.embed import embed_local_batch
     from llm2clip_scale.models.llm.tower import build_text_tower
 
     init_distributed()
@@ -82,7 +82,7 @@ def _tp2_worker() -> dict:
     from megatron.core import parallel_state
 
     from llm2clip_scale.distributed.topology import build_topology, init_distributed
-    from llm2clip_scale.models.llm.group_embed import embed_local_batch
+    from llm2clip_scale.models.llm.embed import embed_local_batch
     from llm2clip_scale.models.llm.tower import build_text_tower
 
     init_distributed()

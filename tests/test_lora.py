@@ -98,8 +98,9 @@ def _fused_rows() -> dict:
                  for k, v in sorted(gather_lora_state(tower).items())}
         load_lora_state(tower, state)
         lora_qkv, lora_fc1 = layer.self_attention.linear_qkv(x)[0], layer.mlp.linear_fc1(x)[0]
-    return {"base_qkv": base_qkv, "lora_qkv": lora_qkv, "base_fc1": base_fc1, "lora_fc1": lora_fc1,
-            "state_keys": sorted(state), "tp_size": parallel_state.get_tensor_model_parallel_world_size()}
+    return {"base_qkv": base_qkv, "lora_qkv": lora_qkv, "base_fc1": base_fc1, "lora_fc1": lora_fc1, "x": x,
+            "state": state, "state_keys": sorted(state),
+            "tp_size": parallel_state.get_tensor_model_parallel_world_size()}
 
 
 def _cra_batches(rank: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -229,6 +230,26 @@ def test_q_and_gate_lora_touch_only_their_rows(ranks: list[dict]) -> None:
     halves = [rank["tp2_fused"]["lora_fc1"].chunk(2, dim=-1) for rank in ranks]
     fc1 = torch.cat([halves[0][0], halves[1][0], halves[0][1], halves[1][1]], dim=-1)
     assert _rel_err(fc1, tp1["lora_fc1"]) <= 1e-5
+
+
+def test_lora_update_is_alpha_over_r_times_b_a(ranks: list[dict]) -> None:
+    """The update a target adds is x (alpha/r · B A)^T, with alpha/r written out here: forward and merge share one
+    scaling factor in the code, so comparing them with each other could not catch a wrong one."""
+    run = ranks[0]["tp1_fused"]
+    prefix = "decoder.layers.0"
+    scaling = LORA_ALPHA / LORA_RANK
+
+    def update(target: str, linear: str) -> torch.Tensor:
+        a, b = run["state"][f"{prefix}.{linear}.lora.A.{target}"], run["state"][f"{prefix}.{linear}.lora.B.{target}"]
+        return run["x"] @ (scaling * b @ a).T
+
+    base_q, _ = _qkv_parts(run["base_qkv"], CFG.num_query_groups)
+    lora_q, _ = _qkv_parts(run["lora_qkv"], CFG.num_query_groups)
+    expected_q = update("q", "self_attention.linear_qkv").reshape(lora_q.shape)  # q_proj rows, group by group
+    assert _rel_err(lora_q - base_q, expected_q) <= 1e-5
+    gate_base, _ = run["base_fc1"].chunk(2, dim=-1)
+    gate_lora, _ = run["lora_fc1"].chunk(2, dim=-1)
+    assert _rel_err(gate_lora - gate_base, update("gate", "mlp.linear_fc1")) <= 1e-5
 
 
 def test_cra_over_a_tower_with_uneven_ranks(ranks: list[dict]) -> None:

@@ -26,7 +26,7 @@ from llm2clip_scale.data.prompts import (
     TO_BRIEF,
     TO_DETAILED,
     instruction_for,
-    tokenize_with_instruction,
+    tokenize_captions,
 )
 from llm2clip_scale.data.samples import load_tokenizer
 from llm2clip_scale.data.shards import SkipCounter
@@ -69,7 +69,7 @@ def _byte_level_bpe() -> PreTrainedTokenizerFast:
 def test_pool_mask_excludes_exactly_the_instruction_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     instruction = "Given a caption, retrieve: "
     captions = ["a small red circle", "a picture of two shapes on a white background.", "blue"]
-    ids, mask, pool = tokenize_with_instruction(tokenizer, [instruction, "", instruction], captions, max_len=64)
+    ids, mask, pool = tokenize_captions(tokenizer, captions, "plain", [instruction, "", instruction], max_len=64)
     assert ids.dtype == mask.dtype == pool.dtype == torch.long
     instruction_len = len(tokenizer(instruction, add_special_tokens=False)["input_ids"])
     for row, caption in enumerate(captions):
@@ -87,7 +87,7 @@ def test_pool_mask_excludes_exactly_the_instruction_tokens(tokenizer: PreTrained
 
 def test_pool_mask_counts_a_boundary_merged_token_as_caption() -> None:
     bpe = _byte_level_bpe()
-    ids, _, pool = tokenize_with_instruction(bpe, "retrieve: ", ["a dog on a mat"], max_len=64)
+    ids, _, pool = tokenize_captions(bpe, ["a dog on a mat"], "plain", "retrieve: ", max_len=64)
     tokens = bpe.convert_ids_to_tokens(ids[0].tolist())
     assert tokens == ["<s>", "retrieve", ":", "Ġa", "Ġdog", "Ġon", "Ġa", "Ġmat", "</s>"]
     # "Ġa" carries the instruction's trailing space but is the caption's first word.
@@ -96,12 +96,84 @@ def test_pool_mask_counts_a_boundary_merged_token_as_caption() -> None:
 
 def test_truncation_caps_at_512_and_refuses_an_instruction_only_row(tokenizer: PreTrainedTokenizerBase) -> None:
     long_caption = " ".join(["a small red circle"] * 200)  # 800 words
-    ids, mask, pool = tokenize_with_instruction(tokenizer, "retrieve : ", [long_caption, "blue"], max_len=4096)
+    ids, mask, pool = tokenize_captions(tokenizer, [long_caption, "blue"], "plain", "retrieve : ", max_len=4096)
     assert ids.shape[1] == 512 and mask[0].sum() == 512 and pool[0].sum() == 512 - 2
-    _, short_mask, _ = tokenize_with_instruction(tokenizer, "", ["a red circle"], max_len=4)
+    _, short_mask, _ = tokenize_captions(tokenizer, ["a red circle"], "plain", "", max_len=4)
     assert short_mask.shape == (1, 4)
     with pytest.raises(ValueError, match="no caption token"):
-        tokenize_with_instruction(tokenizer, "one two three four five : ", ["a red circle"], max_len=6)
+        tokenize_captions(tokenizer, ["a red circle"], "plain", "one two three four five : ", max_len=6)
+
+
+def _llama3_style_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Llama-3's special tokens; like Llama-3 it prepends <|begin_of_text|> and appends nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Given a caption, retrieve a detailed caption: a dog on a mat", "a cat on the mat",
+                             "user"] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   pad_token="<|end_of_text|>")
+
+
+def _llm2vec_reference(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]) -> list[tuple[list, list]]:
+    """(all real token ids, pooled token ids) per row by llm2vec's own rules (LLM2Vec.encode -> _convert_to_str ->
+    prepare_for_tokenization for Meta-Llama-3-8B-Instruct -> tokenize, left padding, embed_mask = last n tokens)."""
+    separator = "!@#$%^&*()"
+    texts = [f"{instruction.strip()} {separator}{text}" if instruction else f"{separator}{text}"
+             for instruction, text in pairs]
+    texts = ["<|start_header_id|>user<|end_header_id|>\n\n" + t.strip() + "<|eot_id|>" for t in texts]
+    tokenizer.padding_side = "left"
+    try:
+        original = tokenizer(["".join(t.split(separator)) for t in texts], padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    rows = []
+    for row, text in enumerate(texts):
+        n = len(tokenizer([text.split(separator)[1]], add_special_tokens=False)["input_ids"][0])
+        ids = original["input_ids"][row][original["attention_mask"][row].bool()].tolist()
+        embed_mask = torch.zeros_like(original["attention_mask"][row])
+        embed_mask[-n:] = 1
+        rows.append((ids, original["input_ids"][row][embed_mask.bool()].tolist()))
+    return rows
+
+
+def test_llm2vec_format_pools_what_llm2vec_embed_mask_pools() -> None:
+    tokenizer = _llama3_style_tokenizer()
+    pairs = [("Given a caption, retrieve a detailed caption: ", "a dog on a mat"), ("", "a cat on the mat "),
+             ("", "a dog"), ("retrieve", "a cat")]
+    ids, mask, pool = tokenize_captions(tokenizer, [c for _, c in pairs], "llm2vec", [i for i, _ in pairs], 64)
+    reference = _llm2vec_reference(tokenizer, pairs)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    header = tokenizer("<|start_header_id|>user<|end_header_id|>\n\n", add_special_tokens=False)["input_ids"]
+    for row, (ref_ids, ref_pooled) in enumerate(reference):
+        length = int(mask[row].sum())
+        assert mask[row, :length].all() and not mask[row, length:].any()  # right padding
+        assert ids[row, :length].tolist() == ref_ids
+        pooled = ids[row][pool[row].bool()].tolist()
+        assert pooled == ref_pooled
+        # Spelled out: BOS and the chat header are never pooled, the caption and <|eot_id|> always are.
+        assert ref_ids[0] == tokenizer.bos_token_id and ref_ids[1 : 1 + len(header)] == header
+        assert pool[row, : 1 + len(header)].sum() == 0 and pooled[-1] == eot
+    # Rows with an instruction pool fewer tokens than they attend to, beyond BOS and the header.
+    assert int((mask[0] - pool[0]).sum()) > 1 + len(header) and int((mask[1] - pool[1]).sum()) == 1 + len(header)
+
+
+def test_llm2vec_format_truncates_the_caption_never_the_end_of_turn() -> None:
+    tokenizer = _llama3_style_tokenizer()
+    ids, mask, pool = tokenize_captions(tokenizer, ["a dog on a mat " * 20], "llm2vec", "", max_len=16)
+    assert ids.shape == (1, 16) and mask.all()
+    assert ids[0, -1] == tokenizer.convert_tokens_to_ids("<|eot_id|>") and pool[0, -1] == 1
+    with pytest.raises(ValueError, match="no caption token"):
+        tokenize_captions(tokenizer, ["a dog"], "llm2vec", "Given a caption, retrieve a detailed caption:", 8)
+    with pytest.raises(ValueError, match="caption_format=plain"):  # a tokenizer without Llama-3's chat tokens
+        tokenize_captions(_byte_level_bpe(), ["a dog"], "llm2vec")
 
 
 def test_instruction_direction() -> None:

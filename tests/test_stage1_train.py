@@ -75,10 +75,12 @@ def _grad_cache_phase(tp: int, pp: int) -> dict:
 
     from llm2clip_scale.distributed.topology import build_topology
     from llm2clip_scale.losses.simcse import simcse_loss
+    from llm2clip_scale.models.llm.embed import TextBatch, split_micro_batches
     from llm2clip_scale.models.llm.lora import apply_lora, lora_adapters
     from llm2clip_scale.models.llm.tower import build_text_tower
-    from llm2clip_scale.train.grad_cache import TextBatch, grad_cache_step, split_micro_batches
-    from llm2clip_scale.train.llm2clip_cc import average_over_data_parallel, pairs_cra
+    from llm2clip_scale.train.grad_cache import grad_cache_step
+    from llm2clip_scale.train.llm2clip_cc import pairs_cra
+    from llm2clip_scale.train.llm_grads import average_over_data_parallel
 
     topo = build_topology(tp, pp)
     tower = build_text_tower(CFG, trainable=True)
@@ -253,7 +255,7 @@ def _run_overrides(data: Path, run_dir: Path) -> list[str]:
 
 
 def _stage1_worker(overrides: list[str]) -> dict:
-    from llm2clip_scale.train.grad_cache import TextBatch
+    from llm2clip_scale.models.llm.embed import TextBatch
     from llm2clip_scale.train.llm2clip_cc import (
         LLM2CLIPCaptionContrastiveTask,
         build_lora_tower,

@@ -33,7 +33,7 @@ def _config(data: Path, tp: int):
 def _features_for_batches(cfg, batches: list[dict], tower, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from megatron.core import parallel_state
 
-    from llm2clip_scale.models.llm.group_embed import embed_local_batch
+    from llm2clip_scale.models.llm.embed import embed_local_batch
 
     batch = {key: torch.cat([b[key] for b in batches]) for key in ("images",)}
     # Pad token ids to one width so captions from several ranks' batches can be embedded together.

@@ -7,15 +7,22 @@ any TP x PP layout (keys use global layer indices and full, unsharded matrices).
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
-from llm2clip_scale.models.llm.lora import gather_lora_state, load_lora_state
+from llm2clip_scale.config.schema import LLMConfig
+from llm2clip_scale.models.llm.lora import apply_lora, gather_lora_state, load_lora_state, merge_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder
+
+log = logging.getLogger("llm2clip_scale.checkpoint")
 
 LORA_FILE = "lora.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -70,3 +77,49 @@ def resolve_lora_path(path: str | Path) -> Path:
     if (path / "latest").is_file():
         return path / (path / "latest").read_text().strip() / LORA_FILE
     raise FileNotFoundError(f"{path}: no {LORA_FILE}, step directory or checkpoint root with 'latest'")
+
+
+def read_stage1_lora(path: str | Path) -> tuple[dict[str, Tensor], dict, Path]:
+    """(LoRA matrices, adapter_config.json, file) of a stage-1 checkpoint: ``lora.safetensors``, a step directory or a
+    checkpoint root. Raises FileNotFoundError / ValueError that say which file is missing or unreadable."""
+    lora_file = resolve_lora_path(path)
+    if not lora_file.is_file():
+        raise FileNotFoundError(f"{lora_file}: missing; {path} is not a complete stage-1 checkpoint")
+    meta_file = lora_file.with_name(ADAPTER_CONFIG_FILE)
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: missing beside {lora_file.name}; it records the LoRA rank, alpha and "
+                                "targets the matrices were trained with")
+    try:
+        state = load_file(str(lora_file))
+        meta = json.loads(meta_file.read_text())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{lora_file}: unreadable stage-1 LoRA ({type(err).__name__}: {err})") from err
+    return state, meta, lora_file
+
+
+def check_same_base(tower_cfg: LLMConfig, meta: dict, where: object) -> None:
+    """Refuse LoRA trained on another base model; a moved checkpoint directory (same name) only warns."""
+    base, seed = meta.get("base_checkpoint"), meta.get("base_seed")
+    if (base is None) != (tower_cfg.hf_checkpoint is None):
+        raise ValueError(f"{where}: the LoRA was trained on {base or f'the seeded random tower (seed {seed})'}, this "
+                         f"tower is {tower_cfg.hf_checkpoint or f'the seeded random tower (seed {tower_cfg.seed})'}")
+    if base is None and seed != tower_cfg.seed:
+        raise ValueError(f"{where}: the LoRA was trained on the random tower of seed {seed}, model.llm.seed is "
+                         f"{tower_cfg.seed}")
+    if base is not None and Path(base).name != Path(tower_cfg.hf_checkpoint).name:
+        log.warning("%s: the LoRA was trained on %s, model.llm.hf_checkpoint is %s", where, base,
+                    tower_cfg.hf_checkpoint)
+
+
+def merge_stage1_lora(tower: LLMTextEncoder, path: str | Path) -> Path:
+    """Fold a stage-1 LoRA (any TP/PP layout it was trained at) into this rank's shard of ``tower``; return its file.
+
+    The adapters are attached with the recorded rank, alpha and targets, filled from the file and merged, so the
+    tower computes exactly what the stage-1 model computed in eval mode, at no per-step cost.
+    """
+    state, meta, lora_file = read_stage1_lora(path)
+    check_same_base(tower.cfg, meta, lora_file)
+    apply_lora(tower, int(meta["lora_rank"]), float(meta["lora_alpha"]), 0.0, list(meta["lora_targets"]))
+    load_global_lora_state(tower, state)
+    merge_lora(tower)
+    return lora_file

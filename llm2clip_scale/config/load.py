@@ -172,6 +172,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         problems.append(f"model.llm.tokenizer: {llm.tokenizer} is not a directory; create it or fix the path")
     if llm.hf_checkpoint is not None and not Path(llm.hf_checkpoint).is_dir():
         problems.append(f"model.llm.hf_checkpoint: {llm.hf_checkpoint} is not a directory")
+    problems.extend(_text_input_problems(cfg))
 
     if model.vision.pretrained_path is not None and not Path(model.vision.pretrained_path).is_file():
         problems.append(f"model.vision.pretrained_path: {model.vision.pretrained_path} is not a file")
@@ -247,6 +248,37 @@ def _run_problems(cfg: Config) -> list[str]:
             f"train.resume: {train.resume!r} is neither auto, none, nor an existing checkpoint directory; "
             "give a step directory (…/step1000) or a checkpoint root holding 'latest'"
         )
+    return problems
+
+
+def _text_input_problems(cfg: Config) -> list[str]:
+    """model.llm.caption_format and model.llm.lora_init: checked here, not at the first batch."""
+    from llm2clip_scale.data.prompts import CAPTION_FORMATS
+
+    llm, problems = cfg.model.llm, []
+    if llm.caption_format not in CAPTION_FORMATS:
+        problems.append(f"model.llm.caption_format: {llm.caption_format!r} unknown; use {' or '.join(CAPTION_FORMATS)}")
+    elif llm.caption_format == "llm2vec" and llm.tokenizer and Path(llm.tokenizer).is_dir():
+        from llm2clip_scale.data.prompts import check_llm2vec_tokenizer
+        from llm2clip_scale.data.samples import load_tokenizer
+
+        try:
+            check_llm2vec_tokenizer(load_tokenizer(llm.tokenizer))
+        except ValueError as err:
+            problems.append(str(err))
+    if llm.lora_init is not None:
+        from llm2clip_scale.checkpoint.lora import ADAPTER_CONFIG_FILE, resolve_lora_path
+
+        if cfg.train.stage == "llm2clip_cc":
+            problems.append("model.llm.lora_init: stage 1 trains its own LoRA; lora_init merges a finished stage 1 "
+                            "into stage 2, ProCLIP or offline embedding — remove it here")
+        try:
+            lora_file = resolve_lora_path(llm.lora_init)
+            if not lora_file.is_file() or not lora_file.with_name(ADAPTER_CONFIG_FILE).is_file():
+                problems.append(f"model.llm.lora_init: {lora_file} or its {ADAPTER_CONFIG_FILE} is missing; point "
+                                "it at a complete stage-1 checkpoint (root, step directory or lora.safetensors)")
+        except FileNotFoundError as err:
+            problems.append(f"model.llm.lora_init: {err}")
     return problems
 
 

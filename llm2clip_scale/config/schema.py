@@ -55,6 +55,13 @@ class LLMConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    # How captions become token rows (data/prompts.py), in every stage and the offline sidecars: plain (the
+    # tokenizer's own BOS/EOS, all pooled) or llm2vec (Llama-3 chat wrapper, pool caption + <|eot_id|> only), which
+    # the released LLM2CLIP Llama-3 embedder was trained on and must be fed.
+    caption_format: str = "plain"
+    # A stage-1 (llm2clip_cc) LoRA merged into this tower when it is built: lora.safetensors, a step directory or a
+    # checkpoint root with 'latest'. Chains LLM2CLIP stage 1 into stage 2, ProCLIP and offline embedding.
+    lora_init: str | None = None
     # Prepended to stage-1 query captions and excluded from mean pooling (data/prompts.py); "" for none, "auto" for
     # one chosen by the pair's direction (short -> detailed caption or back, data/prompts.instruction_for).
     instruction: str = ""

@@ -132,11 +132,12 @@ class _TrainStream(IterableDataset):
         seed: int,
         max_text_len: int,
         embedding_dim: int | None,
+        caption_format: str,
     ) -> None:
         super().__init__()
         self.shards, self.cfg, self.tokenizer_path = shards, data_cfg, tokenizer_path
         self.image_size, self.micro_batch, self.rank, self.seed = image_size, micro_batch, rank, seed
-        self.max_text_len, self.embedding_dim = max_text_len, embedding_dim
+        self.max_text_len, self.embedding_dim, self.caption_format = max_text_len, embedding_dim, caption_format
         self.offline = shards[0][1] is not None
         self.pass_index = 0  # which iter() of the TrainLoader this is; part of every seed
         # Set by TrainLoader.load_state_dict before workers start: saved worker states by logical worker id, and
@@ -185,7 +186,8 @@ class _TrainStream(IterableDataset):
         transform = ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, augment_rng)
         embeddings = EmbeddingDecoder(self.embedding_dim, label) if self.offline else None
         examples = train_examples(raw, dict(cfg.caption_fields), transform, captions_rng, skips, embeddings)
-        collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker, skips)
+        collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker, skips,
+                           self.caption_format)
 
         def state() -> dict:
             return {"block": cursor.block, "offset": cursor.offset, "captions_rng": captions_rng.getstate(),
@@ -215,19 +217,21 @@ class _EvalStream(IterableDataset):
         max_text_len: int,
         field: str,
         embedding_dim: int | None,
+        caption_format: str,
     ) -> None:
         super().__init__()
         self.shards, self.cfg, self.tokenizer_path = shards, data_cfg, tokenizer_path
         self.image_size, self.batch_size, self.rank, self.world_size = image_size, batch_size, rank, world_size
         self.max_samples, self.max_text_len, self.field = max_samples, max_text_len, field
-        self.embedding_dim = embedding_dim
+        self.embedding_dim, self.caption_format = embedding_dim, caption_format
         self.offline = shards[0][1] is not None
 
     def __iter__(self) -> Iterator[dict]:
         label = f"eval data rank {self.rank}"
         skips = SkipCounter(label)
         transform = ImageTransform(self.image_size, self.cfg.image_mean, self.cfg.image_std, "none", None)
-        collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker_id(), skips)
+        collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker_id(), skips,
+                           self.caption_format)
         pipeline = wds.DataPipeline(
             wds.SimpleShardList([image for image, _ in self.shards]),
             *_source_stages(self.shards, skips),
@@ -386,6 +390,7 @@ def build_train_loader(
     seed: int,
     max_text_len: int,
     embedding_dim: int | None = None,
+    caption_format: str = "plain",
 ) -> TrainLoader:
     """Infinite, resampled training batches of ``micro_batch`` samples for ``rank`` of ``world_size``.
 
@@ -396,8 +401,9 @@ def build_train_loader(
 
     Offline mode (``data_cfg.train_embedding_shards`` set): sidecar i travels with image shard i (through the rank
     split and resampling) and batches carry ``llm_embeddings`` float32 (b, d) of the drawn field instead of
-    ``input_ids``/``attention_mask``; ``tokenizer_path`` may be None. ``embedding_dim`` (the adapter's input size)
-    is checked on every vector; None trusts the first vector each worker sees.
+    ``input_ids``/``attention_mask``/``pool_mask``; ``tokenizer_path`` may be None. ``embedding_dim`` (the adapter's
+    input size) is checked on every vector; None trusts the first vector each worker sees. Online, captions are
+    tokenised in ``caption_format`` (``model.llm.caption_format``, data/prompts.py).
     """
     _check_common(rank, world_size, micro_batch, max_text_len, image_size)
     if not data_cfg.caption_fields or not any(w > 0 for w in data_cfg.caption_fields.values()):
@@ -415,6 +421,7 @@ def build_train_loader(
         seed,
         max_text_len,
         embedding_dim,
+        caption_format,
     )
     return TrainLoader(dataset, data_cfg.num_workers, label=f"train data rank {rank}")
 
@@ -430,6 +437,7 @@ def build_eval_loader(
     max_text_len: int,
     caption_field: str,
     embedding_dim: int | None = None,
+    caption_format: str = "plain",
 ) -> EvalLoader:
     """Deterministic eval batches: the first N = min(max_samples, good samples) of ``eval_shards`` in order, N cut
     to a multiple of world_size, rank r taking global indices i % world_size == r. Every rank yields the same number
@@ -454,5 +462,6 @@ def build_eval_loader(
         max_text_len,
         caption_field,
         embedding_dim,
+        caption_format,
     )
     return EvalLoader(dataset, data_cfg.num_workers, label=f"eval data rank {rank}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from llm2clip_scale.config.load import expand_shards
-from llm2clip_scale.data.prompts import MAX_TEXT_LEN, instruction_for, tokenize_with_instruction
+from llm2clip_scale.data.prompts import MAX_TEXT_LEN, instruction_for, tokenize_captions
 from llm2clip_scale.data.shards import SkipCounter, caption_of, parse_meta, read_shards
 
 PAIR_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".csv")
@@ -275,8 +275,10 @@ class PairCollator:
     negative, ``negative_{...}`` (long, (b, L) each), plus ``groups`` (list of str).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, instruction: str | None = None, max_len: int = MAX_TEXT_LEN):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, instruction: str | None = None, max_len: int = MAX_TEXT_LEN,
+                 caption_format: str = "plain"):
         self.tokenizer, self.instruction, self.max_len = tokenizer, instruction, max_len
+        self.caption_format = caption_format
 
     def __call__(self, pairs: Sequence[CaptionPair]) -> dict:
         if not pairs:
@@ -293,7 +295,8 @@ class PairCollator:
         elif any(n is not None for n in negatives):
             raise ValueError("PairCollator: some pairs of the batch have a negative and some do not")
         for side, side_instructions, texts in sides:
-            ids, mask, pool = tokenize_with_instruction(self.tokenizer, side_instructions, texts, self.max_len)
+            ids, mask, pool = tokenize_captions(self.tokenizer, texts, self.caption_format, side_instructions,
+                                                self.max_len)
             batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_pool_mask"] = ids, mask, pool
         return batch
 

@@ -16,6 +16,7 @@ from torch.utils.data import get_worker_info
 from torchvision import transforms
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from llm2clip_scale.data.prompts import tokenize_captions
 from llm2clip_scale.data.shards import SKIPPED_KEY, WORKER_KEY, SkipCounter, caption_of, parse_meta
 from llm2clip_scale.data.sidecar import EmbeddingDecoder
 
@@ -187,11 +188,14 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 class Collator:
-    """Examples → batch dict: tokenised with dynamic padding (online; the tokenizer loads lazily, inside the worker)
-    or with the sidecar vectors stacked (offline, ``tokenizer_path=None``)."""
+    """Examples → batch dict: tokenised in ``caption_format`` with dynamic padding and a pooling mask (online; the
+    tokenizer loads lazily, inside the worker) or with the sidecar vectors stacked (offline, no ``tokenizer_path``).
+    """
 
-    def __init__(self, tokenizer_path: str | None, max_text_len: int, worker: int, skips: SkipCounter) -> None:
+    def __init__(self, tokenizer_path: str | None, max_text_len: int, worker: int, skips: SkipCounter,
+                 caption_format: str = "plain") -> None:
         self._path = tokenizer_path
+        self._format = caption_format
         self._max_len = max_text_len
         self._worker = worker
         self._skips = skips
@@ -212,11 +216,8 @@ class Collator:
         else:
             if self._tokenizer is None:
                 self._tokenizer = load_tokenizer(self._path)
-            encoded = self._tokenizer(
-                captions, padding="longest", truncation=True, max_length=self._max_len, return_tensors="pt"
-            )
-            batch["input_ids"] = encoded["input_ids"].long()
-            batch["attention_mask"] = encoded["attention_mask"].long()
+            ids, mask, pool = tokenize_captions(self._tokenizer, captions, self._format, max_len=self._max_len)
+            batch["input_ids"], batch["attention_mask"], batch["pool_mask"] = ids, mask, pool
         if examples[0].index >= 0:
             batch["index"] = torch.tensor([e.index for e in examples], dtype=torch.long)
         return batch

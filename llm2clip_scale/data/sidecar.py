@@ -270,29 +270,26 @@ def _embed_items(
     max_text_len: int,
     batch_size: int,
     device: torch.device | str,
+    caption_format: str,
 ) -> np.ndarray:
     """(n, hidden) float32 embeddings of ``captions`` in their order. Collective over the tower's TP group."""
+    from llm2clip_scale.data.prompts import tokenize_captions
+    from llm2clip_scale.models.llm.embed import TextBatch, embed_texts
+
     hidden = int(tower.config.hidden_size)
     out = np.zeros((len(captions), hidden), dtype=np.float32)
     if not captions:
         return out
-    # Same tokenisation as the online loader (truncation to max_text_len, right padding); batches are formed in
-    # length order so short alt-text is not padded to the longest dense caption. Padding is masked, so order and
-    # batch composition do not change an embedding.
-    token_ids = tokenizer(captions, truncation=True, max_length=max_text_len)["input_ids"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(captions)), key=lambda i: len(token_ids[i]))
+    # Same tokenisation as the online loader; batches are formed in length order so short alt-text is not padded to
+    # the longest dense caption. Padding is masked, so order and batch composition do not change an embedding.
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(token_ids[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, : len(token_ids[i])] = torch.tensor(token_ids[i], dtype=torch.long)
-            mask[r, : len(token_ids[i])] = 1
+        ids, mask, pool = tokenize_captions(tokenizer, [captions[i] for i in rows], caption_format,
+                                            max_len=max_text_len)
         # Every TP rank holds the same ids (broadcast captions, deterministic tokenizer): TP's contract.
-        pooled = tower(ids.to(device), mask.to(device))
-        out[rows] = pooled.float().cpu().numpy()
+        pooled = embed_texts(tower, TextBatch(ids, mask, pool).to(device))
+        out[rows] = pooled.cpu().numpy()
     return out
 
 
@@ -312,6 +309,7 @@ def write_sidecars(
     dtype: str = "float16",
     device: torch.device | str = "cpu",
     source: dict | None = None,
+    caption_format: str = "plain",
 ) -> SidecarReport:
     """Embed the ``fields`` captions of whole image shards with ``tower`` and write one sidecar per shard.
 
@@ -319,7 +317,8 @@ def write_sidecars(
     group ``i % llm_dp_size``. TP rank 0 reads the shard and broadcasts its captions, so every rank of the group runs
     identical inputs; only TP rank 0 writes, atomically. A sidecar that already exists with the same header
     (fields, size, dtype, max_text_len, ``source``) is kept, so a restarted job redoes only unfinished shards.
-    ``source`` describes the model (checkpoint, seed, ...) for that header check.
+    ``source`` describes the model (checkpoint, seed, LoRA, caption format, ...) for that header check; captions are
+    tokenised in ``caption_format`` (data/prompts.py), as the online path does.
     """
     if dtype not in EMBEDDING_DTYPES:
         raise ValueError(f"sidecar dtype {dtype!r}: use one of {EMBEDDING_DTYPES}")
@@ -358,7 +357,8 @@ def write_sidecars(
                 logger.error("embed captions: %s cannot be read; no sidecar written", url)
             continue
         _, items, samples, whole = action
-        vectors = _embed_items(tower, tokenizer, [c for _, _, c in items], max_text_len, batch_size, device)
+        vectors = _embed_items(tower, tokenizer, [c for _, _, c in items], max_text_len, batch_size, device,
+                                   caption_format)
         if tp_rank == 0:
             if not whole:
                 logger.warning("embed captions: %s is damaged; sidecar covers its %d readable samples", url, samples)

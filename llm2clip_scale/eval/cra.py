@@ -12,7 +12,8 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from llm2clip_scale.distributed.collectives import all_gather_rows
-from llm2clip_scale.models.llm.group_embed import embed_local_batch
+from llm2clip_scale.eval.retrieval import TIE_TOLERANCE
+from llm2clip_scale.models.llm.embed import embed_local_batch
 from llm2clip_scale.models.llm.tower import LLMTextEncoder
 
 
@@ -37,48 +38,10 @@ def caption_retrieval_accuracy(query_embeddings: Tensor, key_embeddings: Tensor,
         scores = queries[start : start + chunk] @ keys.T
         rows = torch.arange(scores.shape[0], device=scores.device)
         true = scores[rows, rows + start].unsqueeze(1)
-        higher = (scores > true).sum(dim=1)
-        tied = (scores == true).sum(dim=1)  # includes the true key itself
+        higher = (scores > true + TIE_TOLERANCE).sum(dim=1)
+        tied = ((scores - true).abs() <= TIE_TOLERANCE).sum(dim=1)  # includes the true key itself
         credit += torch.where(higher == 0, 1.0 / tied.double(), torch.zeros_like(tied, dtype=torch.double)).sum().item()
     return credit / n
-
-
-@torch.no_grad()
-def embed_captions(
-    tower: LLMTextEncoder,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    pool_mask: Tensor | None,
-    tp_group: dist.ProcessGroup | None,
-) -> Tensor:
-    """Embed this rank's (b, L) captions when the ranks of ``tp_group`` hold *different* captions (colocated layout).
-
-    Like :func:`embed_local_batch`, plus a pooling mask (instructions excluded from the mean). b may be 0; every
-    member of ``tp_group`` must call. ``tp_group=None`` (or size 1) runs the tower on this rank's rows alone.
-    """
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        # Only embed_local_batch drives the pipeline schedule, and it pools over the attention mask.
-        if pool_mask is not None and not torch.equal(pool_mask.bool(), attention_mask.bool()):
-            raise ValueError("CRA under pipeline parallelism needs pool_mask == attention_mask (no instruction) "
-                             "until group_embed.embed_local_batch accepts a pooling mask")
-        return embed_local_batch(tower, input_ids, attention_mask, tp_group)
-    if pool_mask is None:
-        if input_ids.shape[0] == 0 and (tp_group is None or dist.get_world_size(tp_group) == 1):
-            return torch.empty(0, tower.config.hidden_size, dtype=torch.float32, device=input_ids.device)
-        return embed_local_batch(tower, input_ids, attention_mask, tp_group)
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
-        if input_ids.shape[0] == 0:
-            return torch.empty(0, tower.config.hidden_size, dtype=torch.float32, device=input_ids.device)
-        return tower(input_ids, attention_mask, pool_mask)
-    length = torch.tensor([input_ids.shape[1]], dtype=torch.long, device=input_ids.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX, group=tp_group)
-    pad = int(length.item()) - input_ids.shape[1]
-    planes = [F.pad(t.long(), (0, pad)) for t in (input_ids, attention_mask, pool_mask)]
-    gathered, offset = all_gather_rows(torch.stack(planes, dim=1), group=tp_group)
-    if gathered.shape[0] == 0:
-        return torch.empty(0, tower.config.hidden_size, dtype=torch.float32, device=input_ids.device)
-    embeddings = tower(gathered[:, 0], gathered[:, 1], gathered[:, 2])
-    return embeddings[offset : offset + input_ids.shape[0]]
 
 
 def _empty_side(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,8 +64,8 @@ def evaluate_cra(
     ``tp_group``: the TP group when its ranks hold different pairs (colocated layout: pairs split over the world);
     None when TP ranks hold the same pairs (megatron layout: pairs split over LLM-DP, ``gather_group`` = the DP
     group). Members of a TP group may hold different numbers of batches. With PP > 1 the whole model-parallel group
-    pools its pairs (see ``embed_local_batch``) and instructions must be absent (pool mask = attention mask). The
-    tower runs in eval mode (no LoRA dropout) and its mode is restored afterwards.
+    pools its pairs (see ``embed_local_batch``). The tower runs in eval mode (no LoRA dropout) and its mode is
+    restored afterwards.
     """
     was_training = tower.training
     tower.eval()
@@ -132,7 +95,7 @@ def evaluate_cra(
                     ids, mask = batch[f"{side}_input_ids"].to(device), batch[f"{side}_attention_mask"].to(device)
                     pool = batch.get(f"{side}_pool_mask")
                     pool = pool.to(device) if pool is not None else mask
-                out.append(embed_captions(tower, ids, mask, pool, tp_group if grouped else None))
+                out.append(embed_local_batch(tower, ids, mask, tp_group if grouped else None, pool_mask=pool))
     finally:
         tower.train(was_training)
     hidden = tower.config.hidden_size

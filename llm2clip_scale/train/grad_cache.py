@@ -24,56 +24,15 @@ difference between the pass-2 and pass-1 embeddings (``replay_error``), which mu
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch import Tensor, nn
 
-
-@dataclass
-class TextBatch:
-    """Right-padded token rows (n, L): ids, attention mask (1 = token) and pooling mask (1 = averaged)."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    pool_mask: Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.input_ids.shape[1]
-
-    def select(self, rows: slice | Tensor) -> TextBatch:
-        return TextBatch(self.input_ids[rows], self.attention_mask[rows], self.pool_mask[rows])
-
-    def padded_to(self, length: int) -> TextBatch:
-        pad = length - self.length
-        return TextBatch(*(F.pad(t, (0, pad)) for t in (self.input_ids, self.attention_mask, self.pool_mask)))
-
-    def trimmed(self) -> TextBatch:
-        """Without the columns that are padding in every row (the tower's output does not depend on them)."""
-        length = max(int(self.attention_mask.sum(dim=1).max().item()), 1)
-        return TextBatch(self.input_ids[:, :length], self.attention_mask[:, :length], self.pool_mask[:, :length])
-
-    def to(self, device: torch.device | str) -> TextBatch:
-        return TextBatch(self.input_ids.to(device), self.attention_mask.to(device), self.pool_mask.to(device))
-
-
-def concat_texts(parts: Sequence[TextBatch]) -> TextBatch:
-    """Stack several TextBatches (e.g. queries, positives, negatives) row-wise, padded to the longest."""
-    length = max(part.length for part in parts)
-    padded = [part.padded_to(length) for part in parts]
-    return TextBatch(*(torch.cat(tensors) for tensors in zip(*((p.input_ids, p.attention_mask, p.pool_mask)
-                                                                  for p in padded))))
+from llm2clip_scale.models.llm.embed import TextBatch, broadcast_from_last_stage, run_schedule, split_micro_batches
 
 
 class RNGSnapshot:
@@ -91,93 +50,6 @@ class RNGSnapshot:
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
         get_cuda_rng_tracker().set_states({name: state.clone() for name, state in self.tracker.items()})
-
-
-def split_micro_batches(texts: TextBatch, micro_batch_size: int, uniform: bool) -> tuple[list[TextBatch], int]:
-    """Cut ``texts`` into micro-batches of ``micro_batch_size`` rows; return them and the number of filler rows.
-
-    ``uniform`` (PP > 1): megatron's p2p buffers have one (L, mb, hidden) shape, so every micro-batch keeps the
-    full length and the last one is filled up with copies of row 0 (real tokens, so no all-masked softmax rows;
-    their cached gradient is zero, so they contribute nothing). Otherwise each micro-batch is trimmed to its own
-    longest row and the last may be short.
-    """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    n = len(texts)
-    fill = 0
-    if uniform:
-        fill = math.ceil(n / micro_batch_size) * micro_batch_size - n
-        if fill:
-            rows = torch.cat([torch.arange(n), torch.zeros(fill, dtype=torch.long)])
-            texts = texts.select(rows)
-    chunks = [texts.select(slice(start, start + micro_batch_size)) for start in range(0, len(texts), micro_batch_size)]
-    if not uniform:
-        chunks = [chunk.trimmed() for chunk in chunks]
-    return chunks, fill
-
-
-def run_schedule(
-    tower: nn.Module,
-    chunks: list[TextBatch],
-    loss_func: Callable[[int, Tensor], tuple[Tensor, dict]] | None,
-    forward_only: bool,
-    return_hidden_states: bool = False,
-) -> list:
-    """Drive ``chunks`` through megatron's schedule. ``loss_func(i, output)`` makes micro-batch i's loss on the last
-    stage; without it (forward-only) the last stage's outputs are collected as they are. The last stage outputs
-    pooled embeddings, or the final token states with ``return_hidden_states`` (MNTP)."""
-    order: Iterator[int] = iter(range(len(chunks)))
-
-    def keep_output(output: Tensor, non_loss_data: bool = True) -> Tensor:
-        return output
-
-    def forward_step(data_iterator: Iterator[int], model: nn.Module) -> tuple[Tensor, Callable]:
-        index = next(data_iterator)
-        chunk = chunks[index]
-        output = model(chunk.input_ids, chunk.attention_mask, chunk.pool_mask,
-                       return_hidden_states=return_hidden_states)
-        if loss_func is None:
-            return output, keep_output
-        return output, lambda out: loss_func(index, out)
-
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=order,
-        model=[tower],
-        num_microbatches=len(chunks),
-        seq_length=chunks[0].length,
-        micro_batch_size=len(chunks[0]),
-        forward_only=forward_only,
-        collect_non_loss_data=loss_func is None,
-    )
-
-
-def _broadcast_from_last_stage(tensor: Tensor) -> Tensor:
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-    return tensor
-
-
-@torch.no_grad()
-def embed_texts(tower: nn.Module, texts: TextBatch, micro_batch_size: int, broadcast: bool = True) -> Tensor | None:
-    """Pooled (n, hidden) float32 embeddings of ``texts`` through the schedule, micro-batch by micro-batch.
-
-    Every rank of the model-parallel group must call with the same ``texts``. The last pipeline stage computes them;
-    with ``broadcast`` they are sent to the other stages too, else those get None. Honours the tower's mode
-    (training mode draws dropout masks).
-    """
-    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    chunks, _ = split_micro_batches(texts, micro_batch_size, uniform=pipelined)
-    outputs = run_schedule(tower, chunks, None, forward_only=True)
-    if parallel_state.is_pipeline_last_stage():
-        embeddings = torch.cat(outputs, dim=0)[: len(texts)].float().contiguous()
-    elif broadcast:
-        device = texts.input_ids.device
-        embeddings = torch.empty(len(texts), tower.config.hidden_size, dtype=torch.float32, device=device)
-    else:
-        return None
-    return _broadcast_from_last_stage(embeddings) if broadcast else embeddings
 
 
 @dataclass
@@ -237,5 +109,5 @@ def grad_cache_step(
     replay = torch.zeros(1, dtype=torch.float64, device=texts.input_ids.device)
     if last:
         replay[0] = max(float(r["replay_error"]) for r in reports)
-    stats = _broadcast_from_last_stage(torch.cat([loss_value, replay]))
+    stats = broadcast_from_last_stage(torch.cat([loss_value, replay]))
     return GradCacheResult(loss=float(stats[0]), replay_error=float(stats[1]), num_microbatches=count)

@@ -23,11 +23,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from llm2clip_scale.checkpoint.llm_state import LoRATrainingState
 from llm2clip_scale.checkpoint.lora import (
@@ -47,9 +46,11 @@ from llm2clip_scale.distributed.collectives import all_gather_rows
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
 from llm2clip_scale.eval.cra import caption_retrieval_accuracy, evaluate_cra
 from llm2clip_scale.losses.simcse import simcse_loss
+from llm2clip_scale.models.llm.embed import TextBatch, concat_texts, embed_texts
 from llm2clip_scale.models.llm.lora import apply_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder, build_text_tower
-from llm2clip_scale.train.grad_cache import TextBatch, concat_texts, embed_texts, grad_cache_step
+from llm2clip_scale.train.grad_cache import grad_cache_step
+from llm2clip_scale.train.llm_grads import average_over_data_parallel, clip_grad_norm
 from llm2clip_scale.train.loop import run
 from llm2clip_scale.train.schedule import warmup_cosine
 from llm2clip_scale.train.task import StepOutput
@@ -71,9 +72,11 @@ def build_lora_tower(cfg: Config, dtype: torch.dtype, device: torch.device, lora
 # ----------------------------------------------------------------------------------------------------------- data
 
 
-def _instruction(cfg: Config) -> str | None:
-    # "auto": PairCollator picks the instruction by the pair's direction (short -> detailed or back).
-    return None if cfg.model.llm.instruction == "auto" else cfg.model.llm.instruction
+def pair_collator(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PairCollator:
+    """Pairs -> token rows as the config says: caption format, length and instruction ("auto": PairCollator picks
+    it by the pair's direction, short -> detailed caption or back)."""
+    instruction = None if cfg.model.llm.instruction == "auto" else cfg.model.llm.instruction
+    return PairCollator(tokenizer, instruction, cfg.data.max_text_len, cfg.model.llm.caption_format)
 
 
 def _side(batch: dict, side: str) -> TextBatch:
@@ -128,51 +131,6 @@ def pairs_cra(tower: LLMTextEncoder, batches: list[dict], micro_batch_size: int,
 
 
 # ------------------------------------------------------------------------------------------------------- training
-
-
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip to the global norm over the whole model (TP shards and PP stages); return the norm before clipping.
-
-    A replicated LoRA matrix counts once (on TP rank 0), a TP-sharded one on every rank, and the squares are summed
-    over the model-parallel group: the norm a TP=1 x PP=1 run would compute.
-    """
-    device = params[0].device
-    total = torch.zeros(1, dtype=torch.float64, device=device)
-    for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
-            total += p.grad.double().pow(2).sum()
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    norm = float(total.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
-
-
-def average_over_data_parallel(params: list[nn.Parameter]) -> None:
-    """Average LoRA gradients over the LLM-DP group with one flat all-reduce.
-
-    Not megatron's DistributedDataParallel: its grad buffers and its grad-clipping/optimizer companions check for
-    ``torch.cuda`` tensor types (notes/CPU_STACK.md, extras), which would need a fake-CUDA mode on CPU; the
-    trainable set is only the LoRA matrices (~0.5% of Llama-3-8B), so one bucket per step costs nothing worth
-    overlapping with backward.
-    """
-    group = parallel_state.get_data_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=group)
-    flat /= size
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
 
 
 class PairBatches:
@@ -246,7 +204,7 @@ class LLM2CLIPCaptionContrastiveTask:
             lambda step: warmup_cosine(step, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio),
         )
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.collate = PairCollator(self.tokenizer, _instruction(cfg), cfg.data.max_text_len)
+        self.collate = pair_collator(cfg, self.tokenizer)
         self.skips = SkipCounter("stage1 train pairs")
         self.eval_skips = SkipCounter("stage1 eval pairs")
         self._eval_batches: list[dict] | None = None
@@ -264,7 +222,7 @@ class LLM2CLIPCaptionContrastiveTask:
             result["cra_before"] = before["cra"]
             log.info("CRA before training: %.4f over %d pairs", before["cra"], before["num_eval_pairs"])
         if self.cfg.stage1.mntp_steps > 0:
-            from llm2clip_scale.models.llm.mntp import run_mntp
+            from llm2clip_scale.train.mntp import run_mntp
 
             result["mntp"] = run_mntp(self, self.cfg.stage1.mntp_steps)
             log.info("MNTP: %d steps, loss %.4f -> %.4f", self.cfg.stage1.mntp_steps, result["mntp"]["first_loss"],
@@ -278,7 +236,7 @@ class LLM2CLIPCaptionContrastiveTask:
         if self.cfg.stage1.eval_pairs is None:
             return None
         if self._eval_batches is None:
-            collate = PairCollator(self.tokenizer, _instruction(self.cfg), self.cfg.data.max_text_len)
+            collate = pair_collator(self.cfg, self.tokenizer)
             self._eval_batches = eval_batches(self.cfg, collate, self.topo.llm_dp_rank, self.topo.llm_dp_size,
                                               self.eval_skips)
         metrics = pairs_cra(self.tower, self._eval_batches, self.cfg.eval.batch_size, self.topo.device)
@@ -361,7 +319,7 @@ def evaluate_checkpoint_cra(cfg: Config, lora: str | Path | None = None) -> dict
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     tower, _ = build_lora_tower(cfg, dtype, topo.device, lora=lora, trainable=False)
     tokenizer = load_tokenizer(cfg.model.llm.tokenizer)
-    collate = PairCollator(tokenizer, _instruction(cfg), cfg.data.max_text_len)
+    collate = pair_collator(cfg, tokenizer)
     skips = SkipCounter("cra pairs")
     batches = eval_batches(cfg, collate, topo.llm_dp_rank, topo.llm_dp_size, skips)
     result = pairs_cra(tower, batches, cfg.eval.batch_size, topo.device)

@@ -32,12 +32,11 @@ from llm2clip_scale.distributed.topology import Topology
 from llm2clip_scale.losses.proclip import instance_loss, structure_loss
 from llm2clip_scale.models.adapter import LLMAdapter
 from llm2clip_scale.models.clip_text import CLIPTextTeacher, load_clip_text_teacher
-from llm2clip_scale.models.llm.group_embed import embed_local_batch
 from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.models.warm_start import save_adapter
 from llm2clip_scale.train.engine import build_engine
 from llm2clip_scale.train.loop import run
-from llm2clip_scale.train.stage2 import needs_llm
+from llm2clip_scale.train.stage2 import caption_embeddings, needs_llm
 from llm2clip_scale.train.task import EngineTask, StepOutput
 
 log = logging.getLogger("llm2clip_scale.train")
@@ -73,13 +72,7 @@ class InheritStep:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def llm_embeddings(self, batch: dict) -> torch.Tensor:
-        device = self.topo.device
-        if "llm_embeddings" in batch:  # offline: sidecar shards
-            return batch["llm_embeddings"].to(device)
-        # Collective over the TP group: every rank of it must call this with its own captions.
-        return embed_local_batch(
-            self.text_tower, batch["input_ids"].to(device), batch["attention_mask"].to(device), self.tp_group
-        )
+        return caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
 
     def embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) float32; the teacher's rows are unit norm, the student's are raw adapter outputs."""
@@ -132,6 +125,7 @@ def evaluate(step_fn: InheritStep, cfg: Config, topo: Topology) -> dict:
     loader = build_eval_loader(
         cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.eval.batch_size, topo.rank,
         topo.world_size, cfg.eval.max_samples, cfg.data.max_text_len, cfg.data.eval_caption_field,
+        caption_format=cfg.model.llm.caption_format,
     )
     students, teachers, indices = [], [], []
     for batch in loader:
@@ -165,7 +159,7 @@ class ProCLIPInheritTask(EngineTask):
         self.step_fn = InheritStep(self.engine, text_tower, teacher, topo, dtype, cfg)
         self.loader = build_train_loader(
             cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
-            topo.world_size, cfg.train.seed, cfg.data.max_text_len,
+            topo.world_size, cfg.train.seed, cfg.data.max_text_len, caption_format=cfg.model.llm.caption_format,
         )
 
     def step(self, micro_batches: list[dict]) -> StepOutput:

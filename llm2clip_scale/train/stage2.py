@@ -22,7 +22,7 @@ from llm2clip_scale.eval.retrieval import retrieval_recall
 from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
 from llm2clip_scale.losses.proclip import self_distillation_loss
 from llm2clip_scale.models.clip import build_clip_model
-from llm2clip_scale.models.llm.group_embed import embed_local_batch
+from llm2clip_scale.models.llm.embed import embed_local_batch
 from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.train.ema import EMATeacher
 from llm2clip_scale.train.engine import build_engine, clamp_logit_scale
@@ -49,6 +49,15 @@ def needs_llm(cfg: Config) -> bool:
     """Online mode embeds captions with the frozen LLM; offline mode reads sidecar embeddings and builds none."""
     eval_online = bool(cfg.data.eval_shards) and cfg.data.eval_embedding_shards is None
     return cfg.data.train_embedding_shards is None or eval_online
+
+
+def caption_embeddings(batch: dict, text_tower: torch.nn.Module | None, tp_group, device: torch.device) -> torch.Tensor:
+    """(b, hidden) LLM embeddings of a batch's captions: read from sidecars (offline) or embedded by the frozen tower
+    (online; collective over the TP group, every member with its own captions)."""
+    if "llm_embeddings" in batch:
+        return batch["llm_embeddings"].to(device)
+    return embed_local_batch(text_tower, batch["input_ids"].to(device), batch["attention_mask"].to(device), tp_group,
+                             pool_mask=batch["pool_mask"].to(device))
 
 
 @dataclass
@@ -85,17 +94,10 @@ class Stage2Step:
         self.self_distill_weight = self_distill_weight
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
-    def llm_embeddings(self, batch: dict) -> torch.Tensor:
-        device = self.topo.device
-        if "llm_embeddings" in batch:
-            return batch["llm_embeddings"].to(device)
-        return embed_local_batch(
-            self.text_tower, batch["input_ids"].to(device), batch["attention_mask"].to(device), self.tp_group
-        )
-
     def features(self, batch: dict) -> Features:
         images = batch["images"].to(self.topo.device, self.dtype)
-        image, text, scale, bias = self.engine(images, self.llm_embeddings(batch).to(self.dtype))
+        llm = caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
+        image, text, scale, bias = self.engine(images, llm.to(self.dtype))
         # The loss runs in fp32 whatever the tower precision: bf16 logits at scale 100 lose the ranking.
         return Features(image.float(), text.float(), scale.float(), None if bias is None else bias.float())
 
@@ -124,7 +126,7 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
     loader = build_eval_loader(
         cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.eval.batch_size, topo.rank,
         topo.world_size, cfg.eval.max_samples, cfg.data.max_text_len, cfg.data.eval_caption_field,
-        embedding_dim=cfg.model.adapter.input_dim,
+        embedding_dim=cfg.model.adapter.input_dim, caption_format=cfg.model.llm.caption_format,
     )
     images, texts, indices = [], [], []
     for batch in loader:
@@ -160,6 +162,7 @@ class Stage2Task(EngineTask):
         self.loader = build_train_loader(
             cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
             topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
+            caption_format=cfg.model.llm.caption_format,
         )
 
     def step(self, micro_batches: list[dict]) -> StepOutput:

@@ -251,7 +251,8 @@ def merge_lora(tower: nn.Module) -> int:
     merged = 0
     for name, adapter in lora_adapters(tower).items():
         linear = tower.get_submodule(name.rsplit(".", 1)[0])
-        linear.weight.add_(adapter.weight_delta().to(linear.weight.dtype))
+        # Summed in fp32 and rounded once: a bf16 base would otherwise round the delta, then the sum.
+        linear.weight.copy_(linear.weight.float() + adapter.weight_delta())
         adapter._hook.remove()
         delattr(linear, _ADAPTER_ATTR)
         merged += 1

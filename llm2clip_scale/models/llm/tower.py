@@ -4,7 +4,7 @@ It composes megatron's vocab-parallel LanguageModelEmbedding, RotaryEmbedding an
 using GPTModel: an embedder has no use for the LM head, which alone is 0.5B parameters for Llama-3-8B.
 Tensor parallelism comes from megatron's TP group (set up by ``build_topology``). Pipeline stages are expressed
 the way GPTModel does it (``pre_process`` owns the embedding, ``post_process`` the final norm and pooling, and
-``set_input_tensor`` feeds later stages); ``group_embed.embed_local_batch`` drives them with megatron's pipeline
+``set_input_tensor`` feeds later stages); ``embed.embed_local_batch`` drives them with megatron's pipeline
 schedule. Weights come from a HuggingFace checkpoint or a seeded source keyed by tensor name (``hf_import``), so
 every TP/PP layout of one config computes the same function.
 """
@@ -246,7 +246,8 @@ def build_text_tower(
     every master weight only to be overwritten): parameters are allocated empty and filled one at a time by
     ``hf_import``, either streamed from the checkpoint (only this rank's slices are read) or drawn from generators
     seeded by (cfg.seed, HF tensor name). Either way the weights do not depend on the TP or PP layout, so TP=2 and
-    PP=2 shards are pieces of the TP=1 model. The caller's global RNG state is left untouched. ``trainable=False``
+    PP=2 shards are pieces of the TP=1 model. ``cfg.lora_init`` (a stage-1 checkpoint) is then merged into the
+    weights. The caller's global RNG state is left untouched. ``trainable=False``
     (stage 2) returns a frozen tower in eval mode.
     """
     from llm2clip_scale.distributed.cpu_compat import enable_cpu_compat
@@ -270,6 +271,10 @@ def build_text_tower(
         load_hf_checkpoint(tower, cfg.hf_checkpoint)
     else:
         init_seeded(tower)
+    if cfg.lora_init:
+        from llm2clip_scale.checkpoint.lora import merge_stage1_lora
+
+        merge_stage1_lora(tower, cfg.lora_init)
     tower = tower.to(device)
     if not trainable:
         tower.freeze()
