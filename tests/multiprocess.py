@@ -45,6 +45,15 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
     # The result is on disk: skip the interpreter's teardown, where native threads of DeepSpeed/gloo left joinable
     # have been seen to abort the process ("terminate called without an active exception") on a loaded machine,
     # failing a test whose ranks had all finished correctly.
+    # os._exit also skips multiprocessing's exit handler, which would end the helper processes a rank started
+    # (megatron's dist_checkpointing keeps a worker per rank): end them here, or each would outlive the test.
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

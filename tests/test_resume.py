@@ -41,7 +41,10 @@ def _stage2(data: Path, run_dir: Path) -> list[str]:
 
 
 CASES = {
-    "stage2_online": ("tiny_cpu.yaml", lambda d, s, r, run: _stage2(d, run)),
+    # Online stage 2 with a trainable LLM LoRA (its AdamW state and schedule live in llm/, outside DeepSpeed);
+    # proclip_stage2 below is the online run without one.
+    "stage2_online_lora": ("tiny_cpu.yaml", lambda d, s, r, run: [
+        *_stage2(d, run), "model.llm.lora_rank=4", "model.llm.lora_alpha=8"]),
     "stage2_offline": ("tiny_cpu.yaml", lambda d, s, r, run: [
         *_stage2(d, run), f"data.train_embedding_shards={s}/train-{{000000..000003}}.tar",
         f"data.eval_embedding_shards={s}/eval-000000.tar", "model.llm.tokenizer=''"]),

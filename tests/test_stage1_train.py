@@ -80,7 +80,7 @@ def _grad_cache_phase(tp: int, pp: int) -> dict:
     from llm2clip_scale.models.llm.tower import build_text_tower
     from llm2clip_scale.train.grad_cache import grad_cache_step
     from llm2clip_scale.train.llm2clip_cc import pairs_cra
-    from llm2clip_scale.train.llm_grads import average_over_data_parallel
+    from llm2clip_scale.train.llm_lora import average_over_data_parallel
 
     topo = build_topology(tp, pp)
     tower = build_text_tower(CFG, trainable=True)

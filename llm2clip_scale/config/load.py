@@ -252,7 +252,7 @@ def _run_problems(cfg: Config) -> list[str]:
 
 
 def _text_input_problems(cfg: Config) -> list[str]:
-    """model.llm.caption_format and model.llm.lora_init: checked here, not at the first batch."""
+    """model.llm.caption_format, lora_init and lora_rank outside stage 1: checked here, not at the first batch."""
     from llm2clip_scale.data.prompts import CAPTION_FORMATS
 
     llm, problems = cfg.model.llm, []
@@ -266,6 +266,14 @@ def _text_input_problems(cfg: Config) -> list[str]:
             check_llm2vec_tokenizer(load_tokenizer(llm.tokenizer))
         except ValueError as err:
             problems.append(str(err))
+    if llm.lora_rank > 0 and cfg.train.stage == "stage2" and cfg.data.train_embedding_shards is not None:
+        problems.append("model.llm.lora_rank: a trainable LLM LoRA needs the LLM in the loop; offline mode "
+                        "(data.train_embedding_shards) reads fixed embeddings — train online or set lora_rank=0")
+    if llm.lora_rank > 0 and cfg.train.stage == "proclip_inherit":
+        problems.append("model.llm.lora_rank: ProCLIP stage 1 trains the adapter only; set lora_rank=0 (or chain a "
+                        "stage-1 LoRA with model.llm.lora_init)")
+    if cfg.optim.llm_lora_lr is not None and cfg.optim.llm_lora_lr <= 0:
+        problems.append(f"optim.llm_lora_lr: {cfg.optim.llm_lora_lr} must be > 0 (or null for optim.lr)")
     if llm.lora_init is not None:
         from llm2clip_scale.checkpoint.lora import ADAPTER_CONFIG_FILE, resolve_lora_path
 

@@ -50,7 +50,8 @@ class LLMConfig:
     tokenizer: str = ""  # HF tokenizer directory
     hf_checkpoint: str | None = None  # HF Llama-family checkpoint directory to import
     seed: int = 1234  # init seed when no checkpoint is given (tiny CPU configs)
-    # Stage-1 LoRA (llm2clip_scale.models.llm.lora); rank 0 trains no adapters.
+    # LoRA on the LLM (llm2clip_scale.models.llm.lora): trained in stage 1 (llm2clip_cc), and in stage 2 (online) when
+    # > 0, on top of any lora_init; rank 0 trains no adapters. Stage 2 ignores lora_dropout (see train/stage2.py).
     lora_rank: int = 0
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
@@ -134,7 +135,10 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the LLM LoRA (stage 1, stage 2 with model.llm.lora_rank > 0) is clipped by its own norm
+    # Stage 2 with a trainable LLM LoRA (model.llm.lora_rank > 0): its lr (same AdamW settings and schedule shape);
+    # None = optim.lr.
+    llm_lora_lr: float | None = None
 
 
 @dataclass

@@ -72,6 +72,13 @@ def build_topology(tp_size: int = 1, pp_size: int = 1) -> Topology:
     world = dist.get_world_size()
     if world % (tp_size * pp_size):
         raise ValueError(f"TP ({tp_size}) x PP ({pp_size}) does not divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_world_size() != tp_size
+        or parallel_state.get_pipeline_model_parallel_world_size() != pp_size
+    ):
+        # Groups of another layout (a previous run in this process): reusing them would embed with TP/PP sizes the
+        # returned Topology does not describe.
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         # No gloo twins of the DP groups: only megatron's distributed optimizer uses them (we do not), and at scale
         # they are thousands of cross-node TCP connections made at start-up.

@@ -15,7 +15,6 @@ to any TP/PP) and, for tools, one TP/PP-independent file ``<checkpoint.dir>/step
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import random
@@ -28,11 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from llm2clip_scale.checkpoint.llm_state import LoRATrainingState
 from llm2clip_scale.checkpoint.lora import (
-    ADAPTER_CONFIG_FILE,
-    LORA_FILE,
-    global_lora_state,
     load_global_lora_state,
     resolve_lora_path,
 )
@@ -50,9 +45,8 @@ from llm2clip_scale.models.llm.embed import TextBatch, concat_texts, embed_texts
 from llm2clip_scale.models.llm.lora import apply_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder, build_text_tower
 from llm2clip_scale.train.grad_cache import grad_cache_step
-from llm2clip_scale.train.llm_grads import average_over_data_parallel, clip_grad_norm
+from llm2clip_scale.train.llm_lora import LoRATrainer
 from llm2clip_scale.train.loop import run
-from llm2clip_scale.train.schedule import warmup_cosine
 from llm2clip_scale.train.task import StepOutput
 
 log = logging.getLogger("llm2clip_scale.train")
@@ -193,16 +187,10 @@ class LLM2CLIPCaptionContrastiveTask:
         if len(self.tokenizer) > cfg.model.llm.vocab_size:
             raise ValueError(f"model.llm.vocab_size {cfg.model.llm.vocab_size} < tokenizer vocabulary "
                              f"{len(self.tokenizer)} ({cfg.model.llm.tokenizer})")
-        self.tower, self.params = build_lora_tower(cfg, self.dtype, topo.device)
+        self.tower = build_text_tower(cfg.model.llm, params_dtype=self.dtype, trainable=True, device=topo.device)
+        self.lora = LoRATrainer(self.tower, cfg)
+        self.params = self.lora.params
         self.tower.train()
-        optim = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: warmup_cosine(step, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio),
-        )
         self.dp_group = parallel_state.get_data_parallel_group()
         self.collate = pair_collator(cfg, self.tokenizer)
         self.skips = SkipCounter("stage1 train pairs")
@@ -253,21 +241,13 @@ class LLM2CLIPCaptionContrastiveTask:
             negatives = parts[2] if len(parts) > 2 else None
             return simcse_loss(parts[0], parts[1], negatives, s1.temperature, group=self.dp_group)
 
-        for p in self.params:
-            p.grad = None
+        self.lora.zero_grad()
         # One micro-batch holds micro_batch pairs: their query, positive and negative rows.
         cached = grad_cache_step(self.tower, texts, loss_fn, self.cfg.train.micro_batch * len(roles))
-        average_over_data_parallel(self.params)
-        grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
-        lr = self.scheduler.get_last_lr()[0]
-        # The norm is global (model-parallel sum of DP-averaged gradients), so every rank decides alike.
-        applied = math.isfinite(grad_norm) and math.isfinite(cached.loss)
+        lr = self.lora.lr
+        grad_norm, applied = self.lora.step(also_skip=not math.isfinite(cached.loss))
         if applied:
-            self.optimizer.step()
-            self.scheduler.step()
             self.max_replay_error = max(self.max_replay_error, cached.replay_error)
-        for p in self.params:
-            p.grad = None
         return StepOutput(loss=cached.loss, applied=applied, metrics={
             "lr": lr, "grad_norm": grad_norm, "replay_error": cached.replay_error,
             "micro_batches": float(cached.num_microbatches)})
@@ -281,14 +261,10 @@ class LLM2CLIPCaptionContrastiveTask:
         return ("llm_dp", self.topo.llm_dp_rank, self.topo.llm_dp_size)
 
     def state(self) -> TaskState:
-        llm = self.cfg.model.llm
-        lora = global_lora_state(self.tower)
-        meta = {"lora_rank": llm.lora_rank, "lora_alpha": llm.lora_alpha, "lora_dropout": llm.lora_dropout,
-                "lora_targets": list(llm.lora_targets), "base_checkpoint": llm.hf_checkpoint, "base_seed": llm.seed,
-                "bidirectional": llm.bidirectional, "instruction": llm.instruction}
+        llm_state, shared = self.lora.checkpoint_parts()
         return TaskState(
-            llm=LoRATrainingState(self.tower, self.params, self.optimizer, self.scheduler),
-            shared={LORA_FILE: lora, ADAPTER_CONFIG_FILE: json.dumps(meta, indent=2)},
+            llm=llm_state,
+            shared=shared,
             rank={"pairs": self.pairs.state_dict(), "max_replay_error": self.max_replay_error},
         )
 

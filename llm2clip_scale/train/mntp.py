@@ -15,7 +15,7 @@ from torch import Tensor
 
 from llm2clip_scale.models.llm.embed import TextBatch, concat_texts, run_schedule, split_micro_batches
 from llm2clip_scale.models.llm.mntp import build_mntp_head, mask_token_id, mask_tokens, mntp_loss
-from llm2clip_scale.train.llm_grads import average_over_data_parallel, clip_grad_norm
+from llm2clip_scale.train.llm_lora import average_over_data_parallel, clip_grad_norm
 
 if TYPE_CHECKING:
     from llm2clip_scale.train.llm2clip_cc import LLM2CLIPCaptionContrastiveTask

@@ -22,10 +22,11 @@ from llm2clip_scale.eval.retrieval import retrieval_recall
 from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
 from llm2clip_scale.losses.proclip import self_distillation_loss
 from llm2clip_scale.models.clip import build_clip_model
-from llm2clip_scale.models.llm.embed import embed_local_batch
+from llm2clip_scale.models.llm.embed import backprop_local_batch, embed_local_batch
 from llm2clip_scale.models.llm.tower import build_text_tower
 from llm2clip_scale.train.ema import EMATeacher
 from llm2clip_scale.train.engine import build_engine, clamp_logit_scale
+from llm2clip_scale.train.llm_lora import LoRATrainer
 from llm2clip_scale.train.loop import run
 from llm2clip_scale.train.task import EngineTask, StepOutput
 
@@ -72,7 +73,10 @@ class Stage2Step:
     """One micro-batch forward/backward: the composition of towers, loss and engine.
 
     Text comes either from the frozen LLM (online: the TP group embeds its ranks' captions once) or from the batch
-    (offline: ``llm_embeddings`` read from sidecar shards, no LLM in the loop).
+    (offline: ``llm_embeddings`` read from sidecar shards, no LLM in the loop). With ``lora`` (online, ``model.llm.
+    lora_rank > 0``) LoRA adapters on the frozen LLM train too, by gradient caching: the captions are embedded
+    without autograd, the engine's backward yields d(loss)/d(embedding), and a second tower pass back-propagates it
+    (``embed.backprop_local_batch``); the LoRA step follows the engine's at the accumulation boundary.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class Stage2Step:
         loss_fn: ContrastiveLoss,
         teacher: EMATeacher | None = None,
         self_distill_weight: float = 0.0,
+        lora: LoRATrainer | None = None,
     ) -> None:
         self.engine = engine
         self.text_tower = text_tower
@@ -93,30 +98,51 @@ class Stage2Step:
         self.teacher = teacher
         self.self_distill_weight = self_distill_weight
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.lora = lora
+        self.lora_grad_norm = 0.0
+        self.model_parallel_size = topo.tp_size * topo.pp_size
 
-    def features(self, batch: dict) -> Features:
+    def features(self, batch: dict, llm: torch.Tensor | None = None) -> Features:
         images = batch["images"].to(self.topo.device, self.dtype)
-        llm = caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
+        if llm is None:
+            llm = caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
         image, text, scale, bias = self.engine(images, llm.to(self.dtype))
         # The loss runs in fp32 whatever the tower precision: bf16 logits at scale 100 lose the ranking.
         return Features(image.float(), text.float(), scale.float(), None if bias is None else bias.float())
 
     def __call__(self, batch: dict) -> float:
-        features = self.features(batch)
+        llm = caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
+        if self.lora is not None:
+            llm = llm.detach().requires_grad_(True)  # the engine's backward leaves d(loss)/d(embedding) here
+        features = self.features(batch, llm)
         loss = self.loss_fn(features.image, features.text, features.scale, features.bias)
         if self.teacher is not None:
             teacher_features = self.teacher(batch["images"].to(self.topo.device))
             loss = loss + self.self_distill_weight * self_distillation_loss(features.image, teacher_features)
         self.engine.backward(loss)
+        if self.lora is not None:
+            self._backprop_into_lora(batch, llm.grad)
         # Asked before step(): DeepSpeed's answer refers to the micro-step that step() is about to finish.
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        # A skipped (non-finite) step leaves the student as it was; the teacher must not move either.
-        if boundary and self.engine.was_step_applied():
+        # A skipped (non-finite) step leaves the student as it was; the teacher and the LoRA must not move either.
+        applied = boundary and self.engine.was_step_applied()
+        if applied:
             clamp_logit_scale(self.engine.module)
             if self.teacher is not None:
                 self.teacher.update(self.engine.module.vision)
+        if boundary and self.lora is not None:
+            self.lora_grad_norm, _ = self.lora.step(also_skip=not applied)
         return loss.item()
+
+    def _backprop_into_lora(self, batch: dict, grad: torch.Tensor) -> None:
+        # The engine averages its gradients over the world (the mean of the ranks' local losses). The tower pass sums
+        # the gradients of its model-parallel group's rows and LoRATrainer.step averages over LLM-DP, so dividing by
+        # the model-parallel size here makes the LoRA gradient that same mean.
+        device = self.topo.device
+        backprop_local_batch(self.text_tower, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                             batch["pool_mask"].to(device), grad / self.model_parallel_size,
+                             self.tp_group)
 
 
 @torch.no_grad()
@@ -150,6 +176,11 @@ class Stage2Task(EngineTask):
         self.cfg, self.topo = cfg, topo
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         text_tower = build_text_tower(cfg.model.llm, params_dtype=dtype).to(topo.device) if needs_llm(cfg) else None
+        # Trainable LoRA on the frozen tower (online only; validation says so). The tower stays in eval mode: the
+        # union of the group's captions is embedded once, so no per-rank dropout masks (lora_dropout is not used).
+        self.lora = None
+        if cfg.model.llm.lora_rank > 0:
+            self.lora = LoRATrainer(text_tower, cfg, lr=cfg.optim.llm_lora_lr)
         model = build_clip_model(cfg.model)
         # The teacher starts from the pretrained image encoder, before DeepSpeed casts or shards anything.
         self.teacher = None
@@ -158,7 +189,7 @@ class Stage2Task(EngineTask):
         self.engine = build_engine(model, cfg, topo.world_size, topo.device)
         loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
         self.step_fn = Stage2Step(self.engine, text_tower, topo, dtype, loss_fn, self.teacher,
-                                  cfg.train.self_distill_weight)
+                                  cfg.train.self_distill_weight, self.lora)
         self.loader = build_train_loader(
             cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
             topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
@@ -166,12 +197,16 @@ class Stage2Task(EngineTask):
         )
 
     def step(self, micro_batches: list[dict]) -> StepOutput:
+        llm_lr = self.lora.lr if self.lora is not None else None  # before this step's schedule update
         loss = sum(self.step_fn(batch) for batch in micro_batches) / len(micro_batches)
-        return StepOutput(loss=loss, applied=self.engine.was_step_applied(), metrics={
+        metrics = {
             "lr": max(self.engine.get_lr()),  # the base lr; layer-wise decay scales the trunk's groups below it
             "logit_scale": self.engine.module.scale().item(),
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-        })
+        }
+        if self.lora is not None:
+            metrics.update(llm_lora_lr=llm_lr, llm_lora_grad_norm=self.step_fn.lora_grad_norm)
+        return StepOutput(loss=loss, applied=self.engine.was_step_applied(), metrics=metrics)
 
     def evaluate(self) -> dict | None:
         return evaluate(self.step_fn, self.cfg, self.topo) if self.cfg.data.eval_shards else None
@@ -180,7 +215,11 @@ class Stage2Task(EngineTask):
         shared = {}
         if self.teacher is not None:
             shared[EMA_FILE] = self.teacher.teacher.state_dict()
-        return TaskState(engine=self.engine, shared=shared, rank=self.loader_state())
+        llm_state = None
+        if self.lora is not None:
+            llm_state, lora_files = self.lora.checkpoint_parts()
+            shared.update(lora_files)
+        return TaskState(engine=self.engine, llm=llm_state, shared=shared, rank=self.loader_state())
 
     def load_state(self, shared: dict, rank: dict | None) -> None:
         if self.teacher is not None:

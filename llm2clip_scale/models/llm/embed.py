@@ -12,7 +12,8 @@ Two contracts, by who holds which captions:
   group pools its captions, embeds the union once and every rank keeps its own rows — one tower pass per
   model-parallel group, each caption embedded exactly once.
 
-Training with gradients (stage 1's gradient cache, MNTP) drives :func:`run_schedule` itself.
+:func:`backprop_local_batch` is the gradient half of the second (stage 2 with a trainable LoRA); stage 1's gradient
+cache and MNTP drive :func:`run_schedule` themselves.
 """
 
 from __future__ import annotations
@@ -214,5 +215,47 @@ def embed_local_batch(
     return embed_texts(tower, union, micro_batch_size)[offset : offset + len(texts)]
 
 
-__all__ = ["TextBatch", "broadcast_from_last_stage", "concat_texts", "embed_local_batch", "embed_texts",
-           "run_schedule", "split_micro_batches"]
+def backprop_local_batch(
+    tower: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    pool_mask: Tensor | None,
+    grad: Tensor,
+    tp_group: dist.ProcessGroup | None,
+    micro_batch_size: int | None = None,
+) -> None:
+    """The gradient half of :func:`embed_local_batch`: accumulate into the tower's trainable parameters the gradient
+    of ``sum(embedding · grad)`` over every rank's rows, where ``grad`` (b, hidden) is d(loss)/d(this rank's
+    embeddings). Same groups and collectives as :func:`embed_local_batch`, called with the same captions.
+
+    Gradient caching (``train/grad_cache.py`` explains it): the embeddings came from a pass without autograd; this
+    pass re-embeds the group's union with autograd and back-propagates the surrogate, through the pipeline schedule
+    when PP > 1. Every member of the group needs the whole union's gradient (the TP shards of one tower must
+    back-propagate the same output gradient), so the rows' gradients are gathered like the rows themselves. The
+    tower must be deterministic (eval mode: no dropout), or this pass would differentiate another function.
+    """
+    texts = TextBatch.of(input_ids, attention_mask, pool_mask)
+    pipelined = _pipelined()
+    group = parallel_state.get_model_parallel_group() if pipelined else tp_group
+    grad = grad.float()
+    if group is not None and dist.get_world_size(group) > 1:
+        texts, _ = _gather_texts(texts, group)
+        grad, _ = all_gather_rows(grad.contiguous(), group=group)
+    if len(texts) == 0:
+        return
+    stages = parallel_state.get_pipeline_model_parallel_world_size() if pipelined else 1
+    chunks, fill = split_micro_batches(texts, micro_batch_size or math.ceil(len(texts) / stages), uniform=pipelined)
+    if fill:  # filler rows (copies of row 0) get no gradient
+        grad = torch.cat([grad, grad.new_zeros(fill, grad.shape[1])])
+    grads = grad.split([len(chunk) for chunk in chunks])
+    count = len(chunks)
+
+    def surrogate(index: int, output: Tensor) -> tuple[Tensor, dict]:
+        # The schedule divides each micro-batch's loss by the micro-batch count; multiply it back.
+        return (output.float() * grads[index]).sum() * count, {}
+
+    run_schedule(tower, chunks, surrogate, forward_only=False)
+
+
+__all__ = ["TextBatch", "backprop_local_batch", "broadcast_from_last_stage", "concat_texts", "embed_local_batch",
+           "embed_texts", "run_schedule", "split_micro_batches"]
