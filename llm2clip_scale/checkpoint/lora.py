@@ -97,6 +97,17 @@ def read_stage1_lora(path: str | Path) -> tuple[dict[str, Tensor], dict, Path]:
     return state, meta, lora_file
 
 
+def lora_init_record(lora_init: str | None) -> dict | None:
+    """Which stage-1 LoRA ``model.llm.lora_init`` resolves to now, by file and content: a checkpoint root's
+    ``latest`` moves on, so the step that stage 2 merged is recorded in its checkpoints (and checked on resume)."""
+    if not lora_init:
+        return None
+    from llm2clip_scale.checkpoint.layout import sha256_file
+
+    lora_file = resolve_lora_path(lora_init)
+    return {"path": lora_init, "file": str(lora_file.resolve()), "sha256": sha256_file(lora_file)}
+
+
 def check_same_base(tower_cfg: LLMConfig, meta: dict, where: object) -> None:
     """Refuse LoRA trained on another base model; a moved checkpoint directory (same name) only warns."""
     base, seed = meta.get("base_checkpoint"), meta.get("base_seed")

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from llm2clip_scale.checkpoint import layout
 from llm2clip_scale.checkpoint.layout import CheckpointError
+from llm2clip_scale.checkpoint.lora import lora_init_record
 from llm2clip_scale.checkpoint.reshard import load_engine
 from llm2clip_scale.checkpoint.rng import capture_rng
 from llm2clip_scale.checkpoint.writer import BackgroundWriter, PendingFiles, cpu_snapshot, install_deferred_engine
@@ -103,6 +104,7 @@ class CheckpointManager:
         self._inflight: _InFlight | None = None
         self._buffers: dict[str, list[torch.Tensor]] = {}  # host snapshot buffers, reused from save to save
         self._config = _plain_config(cfg)
+        self._lora_init = lora_init_record(cfg.model.llm.lora_init)  # the stage-1 LoRA merged into a frozen tower
         self.last_committed: Path | None = None
         if topo.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ class CheckpointManager:
         manifest = {
             "step": step, "stage": self.stage, "layout": layout_of(self.topo, self.cfg),
             "samples_seen": loop_state.get("samples_seen"), "rank_data_keys": keys, "shared": sorted(state.shared),
-            "versions": library_versions(), "config": self._config,
+            "versions": library_versions(), "config": self._config, "lora_init": self._lora_init,
         }
         self._inflight = _InFlight(step, tmp, self.writer.submit(files), manifest, started)
         log.debug("step %d: checkpoint snapshot took %.3f s", step, time.perf_counter() - started)
@@ -215,6 +217,11 @@ class CheckpointManager:
         if manifest.get("stage") != self.stage:
             raise CheckpointError(f"{path}: written by stage {manifest.get('stage')!r}, this run is {self.stage!r}; "
                                   "point train.resume at a checkpoint of this stage (or use train.resume=none)")
+        saved_lora = manifest.get("lora_init")
+        if saved_lora and (self._lora_init or {}).get("sha256") != saved_lora["sha256"]:
+            raise CheckpointError(f"{path}: trained with the stage-1 LoRA {saved_lora['file']} (sha256 "
+                                  f"{saved_lora['sha256'][:12]}…), but model.llm.lora_init now gives "
+                                  f"{(self._lora_init or {}).get('file')}; set model.llm.lora_init to that file")
         if self.cfg.checkpoint.verify_on_load:
             self._verify(path, manifest)
         saved_layout = manifest["layout"]

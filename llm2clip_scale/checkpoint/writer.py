@@ -49,6 +49,8 @@ def cpu_snapshot(obj: object, buffers: list[torch.Tensor] | None = None) -> obje
             return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
         if isinstance(value, list):
             return [copy(item) for item in value]
+        if isinstance(value, torch.Size):  # a tuple subclass DeepSpeed's zero_to_fp32 calls .numel() on
+            return value
         if isinstance(value, tuple) and not hasattr(value, "_fields"):
             return tuple(copy(item) for item in value)
         return value
