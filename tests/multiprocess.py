@@ -78,10 +78,10 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300
                 for proc in ctx.processes:
                     proc.kill()
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout}s")
-        results = []
-        for rank in range(world_size):
-            status, value = pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes())
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results.append(value)
-        return results
+        payloads = [pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes()) for rank in range(world_size)]
+        # Every failed rank's traceback: the first rank's is often only "connection closed by peer", the
+        # consequence of another rank's error.
+        errors = [f"rank {rank} failed:\n{value}" for rank, (status, value) in enumerate(payloads) if status == "error"]
+        if errors:
+            raise RuntimeError("\n".join(errors))
+        return [value for _, value in payloads]

@@ -37,9 +37,10 @@ DECODER = ("embed_tokens.", "layers.", "norm.")
 def _stage2_overrides(data: Path, root: Path, stage1_ckpt: Path) -> dict[str, list[str]]:
     extra = {
         "tp2": ["parallel.tensor_parallel=2", "parallel.zero_stage=3"],
-        # Everything else an export must fold in: a vision LoRA (trunk frozen), SigLIP's bias, and an LLM LoRA
-        # trained in stage 2 on top of the merged stage-1 one.
-        "pp2": ["parallel.pipeline_parallel=2", "parallel.zero_stage=0", "model.vision.lora_rank=4",
+        # Everything else an export must fold in: a SigLIP tower (so a transformers copy is written too) with a
+        # vision LoRA (trunk frozen), SigLIP's bias, and an LLM LoRA trained in stage 2 on top of the stage-1 one.
+        "pp2": ["parallel.pipeline_parallel=2", "parallel.zero_stage=0",
+                "model.vision.name=vit_base_patch16_siglip_224", "model.vision.lora_rank=4",
                 "model.vision.lora_alpha=8.0", "train.loss=siglip", "model.logit_bias_init=-10.0",
                 "model.llm.lora_rank=4", "model.llm.lora_alpha=8.0"],
         "dp2": ["parallel.zero_stage=2"],
@@ -192,6 +193,12 @@ def test_stage2_exports_of_every_layout_verify(runs: dict) -> None:
         # The stage-1 LoRA (lora_init), and for pp2 the LLM LoRA it trained itself: (rank, merged weights).
         expected = [(16, 14)] + ([(4, 14)] if name == "pp2" else [])
         assert [(lora["rank"], lora["merged_weights"]) for lora in config["llm2clip"]["lora"]] == expected
+        if name == "pp2":  # the SigLIP tower, reloaded as transformers' SiglipVisionModel + the head Linear
+            assert record["vision_hf"]["architecture"] == "SiglipVisionModel"
+            assert outputs["vision_hf image_embeddings"] <= TOL
+            assert (export / "vision_hf" / "head.safetensors").is_file()
+        else:  # vit_tiny has no transformers counterpart (no pre-norm): said, not silently dropped
+            assert "skipped" in record["vision_hf"] and not (export / "vision_hf").exists()
     vision = json.loads((runs["out"] / "dp2" / "vision" / "config.json").read_text())
     assert vision["architecture"] == "vit_tiny_patch16_224" and vision["num_classes"] == 64
     assert vision["pretrained_cfg"]["input_size"] == [3, 32, 32] and vision["pretrained_cfg"]["crop_pct"] == 1.0

@@ -81,6 +81,13 @@ def model_card(source: CheckpointSource, record: dict) -> str:
         layout_lines += ["- `vision/`: timm model folder (config.json + model.safetensors); the classifier head is "
                          "the CLIP image projection", "- `preprocessor_config.json`: image preprocessing "
                          "(CLIPImageProcessor format)"]
+    vision_hf = record.get("vision_hf") or {}
+    if "architecture" in vision_hf:
+        layout_lines.append(f"- `vision_hf/`: the same tower as a transformers `{vision_hf['architecture']}` (trunk; "
+                            "`pooler_output`) plus `head.safetensors`, the image projection: "
+                            "`pooler_output @ head['weight'].T + head['bias']` is the image embedding")
+    elif vision_hf.get("skipped"):
+        layout_lines.append(f"- no transformers copy of the vision tower: {vision_hf['skipped']}")
     if has_adapter:
         layout_lines.append("- `adapter.safetensors`, `clip_config.json`: the adapter and joint-space settings")
     layout_lines.append("- `export.json`: provenance, file checksums and the verification result")

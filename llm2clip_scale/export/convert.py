@@ -104,7 +104,7 @@ def _write(source: CheckpointSource, partial: Path, dtype_name: str, max_shard_b
     from llm2clip_scale.export.verify_export import fingerprint
 
     cfg, dtype = source.cfg, getattr(torch, dtype_name)
-    fingerprints: dict[str, dict[str, list[float]]] = {"text": {}, "vision": {}}
+    fingerprints: dict[str, dict[str, list[float]]] = {"text": {}, "vision": {}, "vision_hf": {}}
     record: dict = {"format": 1, "exporter": "llm2clip_scale tools/convert_to_hf.py", "checkpoint": str(source.path),
                     "step": source.step, "stage": source.stage, "layout": source.layout, "dtype": dtype_name,
                     "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -141,6 +141,18 @@ def _write(source: CheckpointSource, partial: Path, dtype_name: str, max_shard_b
         saved = vision_export.write_timm_folder(model, cfg.model.vision, cfg, partial / "vision", dtype,
                                                 tag=f"llm2clip_step{source.step}")
         fingerprints["vision"] = {name: fingerprint(value) for name, value in saved.items()}
+        # Where transformers has the trunk's architecture (OpenAI-style CLIP, SigLIP), a transformers copy too.
+        from llm2clip_scale.export.vision_hf import write_transformers_vision
+
+        vision_hf = write_transformers_vision(
+            model, partial / "vision_hf", dtype,
+            on_tensor=lambda name, tensor: fingerprints["vision_hf"].__setitem__(name, fingerprint(tensor)))
+        if "skipped" in vision_hf:
+            log.info("vision: no transformers copy (%s)", vision_hf["skipped"])
+        else:  # AutoImageProcessor.from_pretrained(OUT/vision_hf) works as well
+            (partial / "vision_hf" / "preprocessor_config.json").write_text(
+                json.dumps(vision_export.preprocessor_config(cfg), indent=2) + "\n")
+        record["vision_hf"] = vision_hf
         del model, saved, tower_state
         (partial / "preprocessor_config.json").write_text(
             json.dumps(vision_export.preprocessor_config(cfg), indent=2) + "\n")

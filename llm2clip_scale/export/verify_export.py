@@ -141,6 +141,32 @@ def verify_vision(out_dir: Path, reference: dict, result: Comparison) -> None:
     for key in ("mean", "std"):
         result.compare(f"vision timm data config {key}", torch.tensor(config[key], dtype=torch.float64),
                        vision[f"image_{key}"])
+    if reference["fingerprints"].get("vision_hf"):
+        verify_vision_hf(out_dir, vision, pixels, reference["fingerprints"]["vision_hf"], result)
+
+
+@torch.no_grad()
+def verify_vision_hf(out_dir: Path, vision: dict, pixels: torch.Tensor, expected: dict, result: Comparison) -> None:
+    """The transformers copy of the trunk (CLIPVisionModel / SiglipVisionModel) plus the head Linear."""
+    import transformers
+    from transformers.modeling_utils import load_state_dict
+
+    folder = out_dir / "vision_hf"
+    architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    model, info = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32,
+                                                                      output_loading_info=True)
+    model.eval()
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        for key in info.get(kind) or []:
+            result.add(f"weight vision_hf/{key}", math.inf, kind.replace("_", " "))
+    head = load_state_dict(str(folder / "head.safetensors"))
+    state = {**model.state_dict(), **{f"head.safetensors:{k}": v for k, v in head.items()}}
+    _check_weights(result, "vision_hf/", state, expected)
+    pooled = model(pixel_values=pixels).pooler_output
+    embeddings = torch.nn.functional.linear(pooled, head["weight"].float(), head["bias"].float())
+    result.compare("vision_hf image_embeddings", embeddings, vision["image_embeddings"])
+    result.compare("vision_hf image_features", torch.nn.functional.normalize(embeddings, dim=-1),
+                   vision["image_features"])
 
 
 def main(argv: list[str] | None = None) -> int:
