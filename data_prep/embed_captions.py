@@ -41,8 +41,7 @@ def default_fields(cfg: Config) -> list[str]:
 
 def model_source(cfg: Config) -> dict:
     """What identifies the embedding model in the sidecar header: a restart with another model redoes the shards."""
-    from llm2clip_scale.checkpoint.layout import sha256_file
-    from llm2clip_scale.checkpoint.lora import resolve_lora_path
+    from llm2clip_scale.checkpoint.layout import resolve_lora_path, sha256_file
 
     llm = cfg.model.llm
     return {

@@ -30,6 +30,8 @@ from pathlib import Path
 log = logging.getLogger("llm2clip_scale.checkpoint")
 
 LATEST = "latest"
+LORA_FILE = "lora.safetensors"  # an LLM LoRA as one TP/PP-independent file (checkpoint/lora.py writes it)
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # its rank, alpha, targets and base model
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step(\d+)$")
 _TMP_DIR = re.compile(r"^\.step(\d+)\.tmp$")
@@ -205,3 +207,24 @@ def describe(path: str | Path, verify: bool = True) -> dict:
         report["integrity"] = "ok" if not problems else "corrupt"
         report["problems"] = problems
     return report
+
+
+def resolve_lora_path(path: str | Path) -> Path:
+    """A LoRA file from a file path, a step directory, or a checkpoint root holding ``latest``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / LORA_FILE).is_file():
+        return path / LORA_FILE
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip() / LORA_FILE
+    raise FileNotFoundError(f"{path}: no {LORA_FILE}, step directory or checkpoint root with '{LATEST}'")
+
+
+def lora_init_record(lora_init: str | None) -> dict | None:
+    """Which stage-1 LoRA ``model.llm.lora_init`` resolves to now, by file and content: a checkpoint root's
+    ``latest`` moves on, so the step that stage 2 merged is recorded in its checkpoints (and checked on resume)."""
+    if not lora_init:
+        return None
+    lora_file = resolve_lora_path(lora_init)
+    return {"path": lora_init, "file": str(lora_file.resolve()), "sha256": sha256_file(lora_file)}

@@ -18,14 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from llm2clip_scale.checkpoint.layout import ADAPTER_CONFIG_FILE, resolve_lora_path
 from llm2clip_scale.config.schema import LLMConfig
 from llm2clip_scale.models.llm.lora import apply_lora, gather_lora_state, load_lora_state, merge_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder
 
 log = logging.getLogger("llm2clip_scale.checkpoint")
 
-LORA_FILE = "lora.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -67,18 +66,6 @@ def global_lora_key(tower: LLMTextEncoder, key: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}.{key[match.end():]}"
 
 
-def resolve_lora_path(path: str | Path) -> Path:
-    """A LoRA file from a file path, a step directory, or a checkpoint root holding ``latest``."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / LORA_FILE).is_file():
-        return path / LORA_FILE
-    if (path / "latest").is_file():
-        return path / (path / "latest").read_text().strip() / LORA_FILE
-    raise FileNotFoundError(f"{path}: no {LORA_FILE}, step directory or checkpoint root with 'latest'")
-
-
 def read_stage1_lora(path: str | Path) -> tuple[dict[str, Tensor], dict, Path]:
     """(LoRA matrices, adapter_config.json, file) of a stage-1 checkpoint: ``lora.safetensors``, a step directory or a
     checkpoint root. Raises FileNotFoundError / ValueError that say which file is missing or unreadable."""
@@ -95,17 +82,6 @@ def read_stage1_lora(path: str | Path) -> tuple[dict[str, Tensor], dict, Path]:
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{lora_file}: unreadable stage-1 LoRA ({type(err).__name__}: {err})") from err
     return state, meta, lora_file
-
-
-def lora_init_record(lora_init: str | None) -> dict | None:
-    """Which stage-1 LoRA ``model.llm.lora_init`` resolves to now, by file and content: a checkpoint root's
-    ``latest`` moves on, so the step that stage 2 merged is recorded in its checkpoints (and checked on resume)."""
-    if not lora_init:
-        return None
-    from llm2clip_scale.checkpoint.layout import sha256_file
-
-    lora_file = resolve_lora_path(lora_init)
-    return {"path": lora_init, "file": str(lora_file.resolve()), "sha256": sha256_file(lora_file)}
 
 
 def check_same_base(tower_cfg: LLMConfig, meta: dict, where: object) -> None:

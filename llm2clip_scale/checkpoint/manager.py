@@ -30,7 +30,6 @@ from safetensors.torch import load_file, save_file
 
 from llm2clip_scale.checkpoint import layout
 from llm2clip_scale.checkpoint.layout import CheckpointError
-from llm2clip_scale.checkpoint.lora import lora_init_record
 from llm2clip_scale.checkpoint.reshard import load_engine
 from llm2clip_scale.checkpoint.rng import capture_rng
 from llm2clip_scale.checkpoint.writer import BackgroundWriter, PendingFiles, cpu_snapshot, install_deferred_engine
@@ -104,7 +103,8 @@ class CheckpointManager:
         self._inflight: _InFlight | None = None
         self._buffers: dict[str, list[torch.Tensor]] = {}  # host snapshot buffers, reused from save to save
         self._config = _plain_config(cfg)
-        self._lora_init = lora_init_record(cfg.model.llm.lora_init)  # the stage-1 LoRA merged into a frozen tower
+        # The stage-1 LoRA merged into a frozen tower, pinned by file and content.
+        self._lora_init = layout.lora_init_record(cfg.model.llm.lora_init)
         self.last_committed: Path | None = None
         if topo.is_main:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -275,7 +275,7 @@ def _text_input_problems(cfg: Config) -> list[str]:
     if cfg.optim.llm_lora_lr is not None and cfg.optim.llm_lora_lr <= 0:
         problems.append(f"optim.llm_lora_lr: {cfg.optim.llm_lora_lr} must be > 0 (or null for optim.lr)")
     if llm.lora_init is not None:
-        from llm2clip_scale.checkpoint.lora import ADAPTER_CONFIG_FILE, resolve_lora_path
+        from llm2clip_scale.checkpoint.layout import ADAPTER_CONFIG_FILE, resolve_lora_path
 
         if cfg.train.stage == "llm2clip_cc":
             problems.append("model.llm.lora_init: stage 1 trains its own LoRA; lora_init merges a finished stage 1 "

@@ -208,7 +208,7 @@ def _text_settings(source: CheckpointSource, adapter_state: dict, scalars: dict,
 
 def _write_text(source: CheckpointSource, text_dir: Path, settings: dict, adapter_state: dict, scalars: dict,
                 dtype, max_shard_bytes: int, on_tensor) -> dict:
-    from llm2clip_scale.checkpoint.lora import resolve_lora_path
+    from llm2clip_scale.checkpoint.layout import resolve_lora_path
     from llm2clip_scale.data.samples import load_tokenizer
     from llm2clip_scale.export.text import LoRAFactors, hf_text_config, model_type_of, write_text_weights
 

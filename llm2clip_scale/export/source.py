@@ -24,8 +24,7 @@ log = logging.getLogger("llm2clip_scale.export")
 STAGES = ("llm2clip_cc", "proclip_inherit", "stage2")
 ENGINE_STAGES = ("stage2", "proclip_inherit")
 ENGINE_TAG = "vision"  # checkpoint/manager.py: engine.save_checkpoint(tag="vision")
-LORA_FILE = "lora.safetensors"  # checkpoint/lora.py (kept here so this module stays free of megatron imports)
-ADAPTER_CONFIG_FILE = "adapter_config.json"
+LORA_FILE, ADAPTER_CONFIG_FILE = layout.LORA_FILE, layout.ADAPTER_CONFIG_FILE
 
 
 class ExportError(RuntimeError):
@@ -208,9 +207,10 @@ def _check_base_model(source: CheckpointSource) -> None:
             raise ExportError(f"model.llm.lora_init: {lora} changed since this run merged it (sha256 differs); "
                               f"{fix.format(field='lora_init')}")
     elif lora is not None:
-        lora_file = lora if lora.is_file() else lora / LORA_FILE
-        if not lora_file.is_file() and (lora / layout.LATEST).is_file():
-            lora_file = lora / (lora / layout.LATEST).read_text().strip() / LORA_FILE
+        try:
+            lora_file = layout.resolve_lora_path(lora)
+        except FileNotFoundError:
+            lora_file = lora / LORA_FILE
         if not lora_file.is_file() or not lora_file.with_name(ADAPTER_CONFIG_FILE).is_file():
             raise ExportError(f"model.llm.lora_init: {lora} holds no {LORA_FILE} with its {ADAPTER_CONFIG_FILE} "
                               f"(the stage-1 LoRA stage 2 ran with); {fix.format(field='lora_init')}")

@@ -18,8 +18,9 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from torch import nn
 
+from llm2clip_scale.checkpoint.layout import ADAPTER_CONFIG_FILE, LORA_FILE
 from llm2clip_scale.checkpoint.llm_state import LoRATrainingState
-from llm2clip_scale.checkpoint.lora import ADAPTER_CONFIG_FILE, LORA_FILE, global_lora_state
+from llm2clip_scale.checkpoint.lora import global_lora_state
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.models.llm.lora import apply_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder
