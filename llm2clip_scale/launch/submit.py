@@ -135,6 +135,20 @@ def _executor(args: argparse.Namespace, name: str) -> submitit.AutoExecutor:
     return executor
 
 
+def _submitit_logs_to_stderr() -> None:
+    """submitit logs every level to stdout (and warnings to stderr as well); stdout is for the job ids and results
+    that scripts parse (a polling warning there once broke ``--wait``'s output), so its stdout handler moves to
+    stderr, keeping only the levels the stderr handler does not already print."""
+    import logging
+
+    import submitit  # noqa: F401 - configures its logger on import
+
+    for handler in logging.getLogger("submitit").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+            handler.addFilter(lambda record: record.levelno < logging.WARNING)
+
+
 def submit(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = [*args.overrides, *(item for item in extra if not item.startswith("-"))]
     unknown = [item for item in extra if item.startswith("-")]
@@ -151,6 +165,7 @@ def submit(args: argparse.Namespace, extra: list[str]) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _submitit_logs_to_stderr()
     if args.embed_captions is None:
         executor = _executor(args, f"l2c-{cfg.train.stage}")
         jobs = [executor.submit(TrainJob(args.config, overrides))]
