@@ -128,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llm2clip_scale.distributed.backend import collective_device
     from llm2clip_scale.distributed.topology import init_distributed, shutdown
 
     args = parse_args(argv)
@@ -151,10 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         totals = torch.tensor(
             [len(report.written), len(report.reused), len(report.failed), report.samples, report.captions]
             if report.writer else [0, 0, 0, 0, 0],
-            dtype=torch.long,
+            dtype=torch.long, device=collective_device(),
         )
-        if dist.get_backend() == "nccl":  # nccl reduces device tensors only
-            totals = totals.cuda()
         dist.all_reduce(totals)
         written, reused, failed, samples, captions = totals.tolist()
         if dist.get_rank() == 0:

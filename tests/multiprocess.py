@@ -5,6 +5,7 @@ Monkeypatches (the megatron CPU layer) happen inside the spawned processes, so t
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import socket
@@ -30,6 +31,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    faulthandler.enable(all_threads=True)  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack
     try:
         result = fn(*args)
         payload = ("ok", result)

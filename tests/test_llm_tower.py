@@ -178,13 +178,36 @@ def test_cpu_compat_is_inert_when_cuda_is_available(monkeypatch: pytest.MonkeyPa
     assert cpu_compat.is_enabled() == was_enabled
 
 
-def test_layer_spec_choice_follows_the_kernel_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layer_spec_choice_follows_the_kernel_registry_except_under_lora(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a node with Transformer Engine, ``auto`` picks TE's layers for a plain tower and the local spec for one that
+    carries LoRA (trained or merged from stage 1): TE's fused norm+linear would hide the adapters' input."""
     from megatron.core.transformer.enums import AttnMaskType
 
     from llm2clip_scale.models.llm import tower
 
+    monkeypatch.setattr(tower, "megatron_layer_spec_name", lambda: "transformer_engine")
+    assert tower.layer_spec_name(CFG) == "transformer_engine"
+    assert tower.layer_spec_name(dataclasses.replace(CFG, lora_rank=4)) == "local"
+    assert tower.layer_spec_name(dataclasses.replace(CFG, lora_init="ckpt/stage1")) == "local"
+    assert tower.layer_spec_name(dataclasses.replace(CFG, layer_spec="local")) == "local"
     monkeypatch.setattr(tower, "megatron_layer_spec_name", lambda: "local")
-    spec = tower._layer_spec("auto")
+    assert tower.layer_spec_name(CFG) == "local"
+    spec = tower._layer_spec("local", bidirectional=False)
     assert spec.submodules.self_attention.params["attn_mask_type"] == AttnMaskType.padding
     with pytest.raises(ValueError, match="model.llm.layer_spec: 'fused' unknown"):
-        tower._layer_spec("fused")
+        tower._layer_spec("fused", bidirectional=True)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_transformer_engine_gets_key_padding_masks_that_mean_the_local_pattern(bidirectional: bool) -> None:
+    """TE's padding / padding_causal mask types read (b, 1, 1, L) key masks and add the triangle themselves; that
+    mask, with TE's triangle, must be exactly the (b, 1, L, L) pattern the local spec is given."""
+    from llm2clip_scale.models.llm.tower import attention_mask_for
+
+    attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    local = attention_mask_for("local", attention_mask, bidirectional)
+    te = attention_mask_for("transformer_engine", attention_mask, bidirectional)
+    assert local.shape == (3, 1, 5, 5) and te.shape == (3, 1, 1, 5)
+    te_triangle = torch.zeros(5, 5, dtype=torch.bool) if bidirectional else torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert torch.equal(te | te_triangle, local)
+    assert torch.equal(te[:, 0, 0], attention_mask == 0)  # True = may not attend: exactly the padded keys

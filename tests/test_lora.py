@@ -103,6 +103,36 @@ def _fused_rows() -> dict:
             "tp_size": parallel_state.get_tensor_model_parallel_world_size()}
 
 
+def _bf16_master_step() -> dict:
+    """A bf16 frozen base with LoRA, one AdamW step at lr 1e-5 through the optimizer builder every stage uses."""
+    from llm2clip_scale.kernels import build_optimizer
+    from llm2clip_scale.models.llm.lora import apply_lora, lora_adapters
+    from llm2clip_scale.models.llm.tower import build_text_tower
+
+    tower = build_text_tower(CFG, params_dtype=torch.bfloat16, trainable=True)
+    tower.train()
+    params = apply_lora(tower, LORA_RANK, LORA_ALPHA, 0.0)
+    gen = torch.Generator().manual_seed(5)
+    for adapter in lora_adapters(tower).values():  # B = 0 at init would leave every A gradient zero
+        for b in adapter.B.values():
+            b.data.copy_(0.01 * torch.randn(b.shape, generator=gen))
+    data = _pair_tokens()
+    tower(data["ids"], data["mask"], data["pool"]).float().pow(2).mean().backward()
+    a_params = [a for adapter in lora_adapters(tower).values() for a in adapter.A.values()]
+    before = [a.detach().clone() for a in a_params]
+    optimizer = build_optimizer(params, lr=1e-5, eps=1e-15)
+    optimizer.step()
+    has_grad = torch.cat([(a.grad.abs() > 1e-12).flatten() for a in a_params])
+    steps = torch.cat([(a.detach() - b).abs().flatten() for a, b in zip(a_params, before, strict=True)])
+    return {
+        "base_dtype": tower.decoder.layers[0].self_attention.linear_qkv.weight.dtype,
+        "param_dtypes": {p.dtype for p in params}, "grad_dtypes": {p.grad.dtype for p in params},
+        "state_dtypes": {v.dtype for state in optimizer.state.values() for v in state.values() if v.dim() > 0},
+        "a_magnitude": float(torch.cat([b.abs().flatten() for b in before]).median()),
+        "steps_with_grad": steps[has_grad],
+    }
+
+
 def _cra_batches(rank: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """10 pairs: rank 0 holds 6 (batches of 4 and 2), rank 1 holds 4 (one batch); keys are edited queries."""
     gen = torch.Generator().manual_seed(5)
@@ -158,6 +188,7 @@ def _worker() -> dict:
     out["tp1_dp2"] = _train(0.0, split=True, loss_group=parallel_state.get_data_parallel_group())
     out["tp1_fused"] = _fused_rows()
     out["tp1_cra"] = _cra(grouped=False)
+    out["bf16_master"] = _bf16_master_step()
     return out
 
 
@@ -259,3 +290,16 @@ def test_cra_over_a_tower_with_uneven_ranks(ranks: list[dict]) -> None:
         for key in ("tp1_cra", "tp2_cra"):
             assert rank[key]["num_pairs"] == 10
             assert rank[key]["cra"] == pytest.approx(reference, abs=1e-12), key
+
+
+def test_bf16_base_keeps_fp32_lora_master_weights(ranks: list[dict]) -> None:
+    """Under a bf16 frozen base the adapters, their gradients and AdamW state are fp32, so a step of 1e-5 lands on A
+    (median |A| ~0.06, where bf16's spacing is 2.4e-4: stored in bf16, A + 1e-5 would round back to A)."""
+    got = ranks[0]["bf16_master"]
+    assert got["base_dtype"] == torch.bfloat16
+    assert got["param_dtypes"] == got["grad_dtypes"] == got["state_dtypes"] == {torch.float32}
+    assert got["a_magnitude"] > 0.03  # well above 1e-5 / 2**-9: bf16 could not hold the step
+    steps = got["steps_with_grad"]
+    # Adam's first step moves each entry with a gradient by lr * |g| / (|g| + eps) = lr (eps 1e-15 << |g|), up to
+    # fp32's rounding of A near 0.06 (~4e-9, i.e. 4e-4 of the step).
+    assert steps.numel() > 1000 and torch.allclose(steps, torch.full_like(steps, 1e-5), rtol=0, atol=1e-8)

@@ -121,7 +121,9 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     zero_stage: int = 1
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | nccl | gloo
+    # auto: nccl with CUDA, else gloo, except that a task assigned GPUs stops when CUDA is unusable (never a silent
+    # CPU run: distributed/backend.py) | nccl (CUDA required) | gloo (CPU, also on a GPU node)
+    backend: str = "auto"
     # A collective that waits longer than this raises on every rank (torch's default, 30 min, burns an allocation).
     collective_timeout_minutes: float = 10.0
     # A rank stuck this long in one phase of a step (data, step, loss all-reduce, eval, save) exits with an error

@@ -1,4 +1,4 @@
-"""The one place that lets megatron-core 0.16.1 run on a CPU-only machine (dev boxes, CI); inert when CUDA exists.
+"""The one place that lets megatron-core 0.16.1 run on the CPU (dev boxes, CI); inert in a run on GPUs.
 
 megatron-core's models assume CUDA in a few spots (measured in notes/CPU_STACK.md §2): its RNG tracker reads
 ``torch.cuda`` generator states, about 175 call sites ask ``torch.cuda.current_device()`` where to allocate, and
@@ -100,10 +100,16 @@ PIPELINE_SCHEDULES = (
 )
 
 
-def enable_cpu_compat() -> None:
-    """Patch torch.cuda / megatron entry points so megatron-core models run on CPU. Idempotent; no-op with CUDA."""
+def enable_cpu_compat(on_cpu: bool | None = None) -> None:
+    """Patch torch.cuda / megatron entry points so megatron-core models run on CPU. Idempotent.
+
+    ``on_cpu``: whether this process computes on the CPU (build_topology: its process group is not NCCL); by
+    default, whether CUDA is absent. A no-op otherwise.
+    """
     global _ENABLED
-    if _ENABLED or torch.cuda.is_available():
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    if _ENABLED or not on_cpu:
         return
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom

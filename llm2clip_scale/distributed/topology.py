@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from llm2clip_scale.distributed.backend import resolve_backend
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -40,6 +42,15 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def _deepspeed_on_cpu() -> None:
+    """A gloo run on a machine with CUDA: DeepSpeed would detect CUDA and place the engine there."""
+    os.environ["DS_ACCELERATOR"] = "cpu"  # read at DeepSpeed's first get_accelerator() ...
+    from deepspeed.accelerator import real_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    real_accelerator.set_accelerator(CPU_Accelerator())  # ... which importing deepspeed may already have made
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> None:
     """Initialise torch.distributed from torchrun (RANK/WORLD_SIZE) or Slurm (SLURM_PROCID/SLURM_NTASKS) variables.
 
@@ -47,6 +58,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> No
     """
     if dist.is_initialized():
         return
+    backend = resolve_backend(backend)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -55,10 +67,10 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> No
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
+    elif torch.cuda.is_available():
+        _deepspeed_on_cpu()
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes))
 
 
@@ -68,7 +80,10 @@ def build_topology(tp_size: int = 1, pp_size: int = 1) -> Topology:
 
     from llm2clip_scale.distributed.cpu_compat import enable_cpu_compat
 
-    enable_cpu_compat()  # inert when CUDA is present
+    # The device follows the process group, not the machine: a gloo run on a GPU node (on purpose, see
+    # distributed/backend.py) is a CPU run throughout.
+    on_gpu = dist.get_backend() == "nccl"
+    enable_cpu_compat(on_cpu=not on_gpu)
     world = dist.get_world_size()
     if world % (tp_size * pp_size):
         raise ValueError(f"TP ({tp_size}) x PP ({pp_size}) does not divide the world size {world}")
@@ -87,7 +102,7 @@ def build_topology(tp_size: int = 1, pp_size: int = 1) -> Topology:
             create_gloo_process_groups=False,
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return Topology(
         rank=dist.get_rank(),
         world_size=world,

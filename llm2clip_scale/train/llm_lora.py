@@ -22,6 +22,7 @@ from llm2clip_scale.checkpoint.layout import ADAPTER_CONFIG_FILE, LORA_FILE
 from llm2clip_scale.checkpoint.llm_state import LoRATrainingState
 from llm2clip_scale.checkpoint.lora import global_lora_state
 from llm2clip_scale.config.schema import Config
+from llm2clip_scale.kernels import build_optimizer
 from llm2clip_scale.models.llm.lora import apply_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder
 from llm2clip_scale.train.schedule import warmup_cosine
@@ -74,8 +75,8 @@ class LoRATrainer:
         llm, optim = cfg.model.llm, cfg.optim
         self.cfg, self.tower = cfg, tower
         self.params = apply_lora(tower, llm.lora_rank, llm.lora_alpha, llm.lora_dropout, llm.lora_targets)
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr if lr is None else lr, betas=tuple(optim.betas),
-                                           eps=optim.eps, weight_decay=optim.weight_decay)
+        self.optimizer = build_optimizer(self.params, lr=optim.lr if lr is None else lr, betas=tuple(optim.betas),
+                                         eps=optim.eps, weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: warmup_cosine(step, cfg.train.steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio),

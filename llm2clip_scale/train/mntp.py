@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import Tensor
 
+from llm2clip_scale.kernels import build_optimizer
 from llm2clip_scale.models.llm.embed import TextBatch, concat_texts, run_schedule, split_micro_batches
 from llm2clip_scale.models.llm.mntp import build_mntp_head, mask_token_id, mask_tokens, mntp_loss
 from llm2clip_scale.train.llm_lora import average_over_data_parallel, clip_grad_norm
@@ -37,8 +38,7 @@ def run_mntp(trainer: LLM2CLIPCaptionContrastiveTask, steps: int) -> dict[str, f
     cfg, s1 = trainer.cfg, trainer.cfg.stage1
     tower, params, device = trainer.tower, trainer.params, trainer.topo.device
     head = build_mntp_head(tower, cfg.model.llm) if parallel_state.is_pipeline_last_stage() else None
-    optimizer = torch.optim.AdamW(params, lr=s1.mntp_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=0.0)
+    optimizer = build_optimizer(params, lr=s1.mntp_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     tokenizer = trainer.tokenizer
     mask_id = mask_token_id(tokenizer)
     special = list(tokenizer.all_special_ids)

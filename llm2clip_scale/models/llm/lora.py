@@ -55,7 +55,12 @@ class _Layout:
 
 
 class LoRAAdapter(nn.Module):
-    """The low-rank update of one megatron parallel linear, for the targets among its fused projections."""
+    """The low-rank update of one megatron parallel linear, for the targets among its fused projections.
+
+    A and B are fp32 whatever the base dtype (apply_lora): under a bf16 frozen base they are the master weights —
+    the forward casts them to the input's dtype, their gradients and AdamW state stay fp32, so updates smaller than
+    bf16's resolution of the weight (~0.4%) are not rounded away.
+    """
 
     def __init__(
         self,
@@ -116,16 +121,16 @@ class LoRAAdapter(nn.Module):
         """The update to add to the linear's (local, for column-parallel) output for input ``x`` (sq, b, in_local)."""
         if self.layout.kind == "row":
             (target,) = self.targets
-            partial = self._dropped(x) @ self.A[target].t()
+            partial = self._dropped(x) @ self.A[target].to(x.dtype).t()
             hidden = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
-            return self.scaling * (hidden @ self.B[target].t())
+            return self.scaling * (hidden @ self.B[target].to(x.dtype).t())
         lead = x.shape[:-1]
         pieces = []
         for target, size in self.layout.segments:
             if target in self.targets:
-                hidden = self._dropped(x) @ self.A[target].t()
+                hidden = self._dropped(x) @ self.A[target].to(x.dtype).t()
                 hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
-                pieces.append((hidden @ self.B[target].t()).view(*lead, self.layout.units, size))
+                pieces.append((hidden @ self.B[target].to(x.dtype).t()).view(*lead, self.layout.units, size))
             else:
                 pieces.append(x.new_zeros(*lead, self.layout.units, size))
         update = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
@@ -235,7 +240,7 @@ def apply_lora(
     for key, linear, layout in list(_adapted_linears(tower, targets)):
         adapter = LoRAAdapter(
             layout, targets, rank, alpha, dropout, key, seed, tp_rank, tp_size, tp_group,
-            dtype=linear.weight.dtype, device=linear.weight.device,
+            dtype=torch.float32, device=linear.weight.device,
         )
         adapter.train(tower.training)
         linear.add_module(_ADAPTER_ATTR, adapter)

@@ -78,28 +78,64 @@ def llm_transformer_config(
     )
 
 
-def _layer_spec(choice: str = "auto") -> ModuleSpec:
-    """The layer spec: Transformer Engine's fused layers when the kernel registry finds TE on a GPU, else local.
+def uses_lora(cfg: LLMConfig) -> bool:
+    """Adapters are attached to this tower at some point: trained (lora_rank) or merged from stage 1 (lora_init)."""
+    return cfg.lora_rank > 0 or bool(cfg.lora_init)
 
-    Only the local spec runs on CPU; the TE spec (norms fused into linear_qkv / linear_fc1) is chosen on GPUs.
+
+def layer_spec_name(cfg: LLMConfig) -> str:
+    """``model.llm.layer_spec`` resolved: "local" or "transformer_engine".
+
+    ``auto`` takes the kernel registry's choice (TE's fused layers when TE runs on a GPU), except that a tower
+    carrying LoRA is pinned to the local spec: TE fuses the input norm into linear_qkv / linear_fc1, so an adapter
+    hooked on that linear would see the un-normalised input (lora.py refuses TE linears). Validation rejects an
+    explicit ``transformer_engine`` with LoRA before any rank starts.
     """
-    if choice == "auto":
-        choice = megatron_layer_spec_name()
+    if cfg.layer_spec != "auto":
+        return cfg.layer_spec
+    return "local" if uses_lora(cfg) else megatron_layer_spec_name()
+
+
+def _layer_spec(choice: str, bidirectional: bool) -> ModuleSpec:
+    """Megatron's layer spec by name, with the attention mask type the tower's masks are built for."""
     if choice == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec()
+        # TE reads a padding mask as keys only, (b, 1, 1, L) (attention_mask_for); causal + padding is its own type.
+        mask_type = AttnMaskType.padding if bidirectional else AttnMaskType.padding_causal
     elif choice == "local":
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        # "padding" makes the softmax always honour our explicit (b, 1, L, L) mask; with "causal" megatron's fused
+        # CUDA kernel would apply its own triangle and ignore the mask, i.e. attend to padding and never be
+        # bidirectional.
+        mask_type = AttnMaskType.padding
     else:
         raise ValueError(f"model.llm.layer_spec: {choice!r} unknown; use auto, local or transformer_engine")
     attention = spec.submodules.self_attention
-    # "padding" makes the softmax always honour our explicit mask; with "causal" megatron's fused CUDA kernel would
-    # apply its own triangle and ignore the mask, i.e. attend to padding and never be bidirectional.
     spec.submodules.self_attention = dataclasses.replace(
-        attention, params={**attention.params, "attn_mask_type": AttnMaskType.padding}
+        attention, params={**attention.params, "attn_mask_type": mask_type}
     )
     return spec
+
+
+def attention_mask_for(spec: str, attention_mask: Tensor, bidirectional: bool) -> Tensor:
+    """(b, L) 1=token/0=pad -> the mask the layer spec reads, True = may NOT attend (megatron convention).
+
+    Local spec: (b, 1, L, L), the whole pattern (padded keys; with causal attention the future too). Pad *queries*
+    keep their rows unmasked so that no softmax row is empty (they never reach the pooled output). Transformer
+    Engine: (b, 1, 1, L), padded keys only — its "padding" / "padding_causal" mask types add the triangle
+    themselves and do not read a (b, 1, L, L) mask as a pattern.
+    """
+    keep = attention_mask.bool()
+    masked = ~keep[:, None, None, :]  # (b, 1, 1, L): masked keys
+    if spec == "transformer_engine":
+        return masked
+    length = keep.shape[1]
+    if not bidirectional:
+        future = torch.triu(torch.ones(length, length, dtype=torch.bool, device=keep.device), diagonal=1)
+        masked = masked | future
+    return masked.expand(-1, 1, length, length)
 
 
 def _mark_tensor_parallel_weights(model: torch.nn.Module, gated_mlp: bool) -> None:
@@ -136,6 +172,7 @@ class LLMTextEncoder(MegatronModule):
         super().__init__(config=config)
         self.cfg = cfg
         self.bidirectional = cfg.bidirectional
+        self.layer_spec = layer_spec_name(cfg)
         self.pre_process = pre_process
         self.post_process = post_process
         # Read by megatron's pipeline schedules to pick the p2p tensor shapes.
@@ -163,7 +200,7 @@ class LLMTextEncoder(MegatronModule):
             )
         self.decoder = TransformerBlock(
             config=config,
-            spec=_layer_spec(cfg.layer_spec),
+            spec=_layer_spec(self.layer_spec, cfg.bidirectional),
             post_layer_norm=True,
             pre_process=pre_process,
             post_process=post_process,
@@ -178,18 +215,7 @@ class LLMTextEncoder(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def build_attention_mask(self, attention_mask: Tensor) -> Tensor:
-        """(b, L) 1=token/0=pad -> (b, 1, L, L) bool, True = may NOT attend (megatron convention).
-
-        Keys that are padding are always masked; with causal attention the future is masked too. Pad *queries*
-        keep their rows unmasked so that no softmax row is empty (they never reach the pooled output).
-        """
-        keep = attention_mask.bool()
-        length = keep.shape[1]
-        masked = ~keep[:, None, None, :]  # (b, 1, 1, L): masked keys
-        if not self.bidirectional:
-            future = torch.triu(torch.ones(length, length, dtype=torch.bool, device=keep.device), diagonal=1)
-            masked = masked | future
-        return masked.expand(-1, 1, length, length)
+        return attention_mask_for(self.layer_spec, attention_mask, self.bidirectional)
 
     def forward(
         self,
@@ -251,11 +277,13 @@ def build_text_tower(
     (stage 2) returns a frozen tower in eval mode.
     """
     from llm2clip_scale.distributed.cpu_compat import enable_cpu_compat
+    from llm2clip_scale.distributed.cpu_compat import is_enabled as cpu_compat_enabled
     from llm2clip_scale.models.llm.hf_import import init_seeded, load_hf_checkpoint
 
-    enable_cpu_compat()  # inert when CUDA is present
+    enable_cpu_compat()  # inert when CUDA is present (build_topology has enabled it for a gloo run on a GPU node)
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        on_gpu = torch.cuda.is_available() and not cpu_compat_enabled()
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
     # Every forward enters the model-parallel RNG tracker (attention dropout), so it must exist; respect a seeding
     # the training loop already did.
     if not get_cuda_rng_tracker().is_initialized():
