@@ -8,7 +8,7 @@ from torch import nn
 
 from llm2clip_scale.config.schema import ModelConfig
 from llm2clip_scale.models.adapter import LLMAdapter
-from llm2clip_scale.models.vision.timm_tower import build_vision_tower
+from llm2clip_scale.models.vision.timm_tower import build_vision_tower, cast_parameters
 
 
 class CLIPWithAdapter(nn.Module):
@@ -47,9 +47,12 @@ class CLIPWithAdapter(nn.Module):
         return self.encode_image(images), self.encode_text(llm_embeddings), self.scale(), bias
 
 
-def build_clip_model(cfg: ModelConfig) -> CLIPWithAdapter:
+def build_clip_model(cfg: ModelConfig, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> CLIPWithAdapter:
+    """The trainable model on ``device`` in ``dtype`` (default: CPU, fp32). The vision tower is built there directly
+    (build_vision_tower); the small parts are drawn on the CPU in fp32 and moved, so their init is device-free."""
     model = CLIPWithAdapter(
-        vision=build_vision_tower(cfg.vision, cfg.embed_dim),
+        vision=build_vision_tower(cfg.vision, cfg.embed_dim, device=device, dtype=dtype),
         adapter=LLMAdapter(cfg.adapter, cfg.embed_dim),
         logit_scale_init=cfg.logit_scale_init,
         logit_scale_max=cfg.logit_scale_max,
@@ -63,4 +66,4 @@ def build_clip_model(cfg: ModelConfig) -> CLIPWithAdapter:
             load_adapter(model.adapter, cfg.adapter_init)
         if cfg.vision_head_init:
             load_vision_head(model.vision.head, cfg.vision_head_init)
-    return model
+    return cast_parameters(model.to(device), dtype)

@@ -181,8 +181,10 @@ class Stage2Task(EngineTask):
         self.lora = None
         if cfg.model.llm.lora_rank > 0:
             self.lora = LoRATrainer(text_tower, cfg, lr=cfg.optim.llm_lora_lr)
-        model = build_clip_model(cfg.model)
-        # The teacher starts from the pretrained image encoder, before DeepSpeed casts or shards anything.
+        # Built on the GPU in the training dtype (a bf16 copy is all DeepSpeed keeps of the module, and its fp32
+        # master is made from it), so no rank holds an fp32 ViT-E on the host.
+        model = build_clip_model(cfg.model, device=topo.device, dtype=dtype)
+        # The teacher starts from the pretrained image encoder, before DeepSpeed shards anything.
         self.teacher = None
         if cfg.train.self_distill_weight > 0:
             self.teacher = EMATeacher(model.vision, cfg.train.ema_momentum, topo.device)

@@ -184,15 +184,67 @@ def check_shapes(sd: Mapping[str, torch.Tensor], trunk: nn.Module) -> None:
         raise ValueError(f"checkpoint tensor shapes do not match {type(trunk).__name__}: {lines}{more}")
 
 
+def streamable_keys(path: str | os.PathLike[str], trunk: nn.Module) -> tuple[dict[str, str], list[str]] | None:
+    """(``{trunk key: file key}``, dropped head keys) when ``path`` is a safetensors file already in the trunk's own
+    layout (timm's, as ``tools/convert_to_hf.py`` writes it): every tensor but the original head is a trunk tensor
+    of the same shape, so timm's converter would change nothing and each tensor can be read on its own. None
+    otherwise."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    own = trunk.state_dict(keep_vars=True)
+    keys: dict[str, str] = {}
+    dropped: list[str] = []
+    with safe_open(str(path), framework="pt") as reader:
+        for file_key in reader.keys():
+            key = next(iter(_strip_wrapper_prefixes({file_key: torch.empty(0)})))
+            if key.startswith(_HEAD_PREFIXES) and key not in own:
+                dropped.append(key)  # the original classifier, dropped as the whole-file path drops it
+                continue
+            if key not in own or tuple(reader.get_slice(file_key).get_shape()) != tuple(own[key].shape):
+                return None
+            keys[key] = file_key
+    return keys, dropped
+
+
+@torch.no_grad()
+def _load_streamed(trunk: nn.Module, path: str | os.PathLike[str], keys: dict[str, str]) -> None:
+    """Copy each tensor from the file into its (already allocated) trunk tensor, converting dtype and device on the
+    way: host memory peaks at one tensor, not at the file plus an fp32 model."""
+    from safetensors import safe_open
+
+    own = trunk.state_dict(keep_vars=True)
+    with safe_open(str(path), framework="pt") as reader:
+        for key, file_key in keys.items():
+            own[key].copy_(reader.get_tensor(file_key))
+
+
 def load_pretrained_trunk(trunk: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> LoadReport:
     """Load a local checkpoint into a timm trunk (built with ``num_classes=0``).
 
+    A safetensors file in timm's layout is read tensor by tensor into the trunk's own storage (any device and
+    dtype); other files and layouts (torch pickles, open_clip / OpenAI / EVA-CLIP layouts that need timm's
+    converter, which takes the whole state dict) are read whole — convert such a file once with
+    ``tools/convert_to_hf.py`` (its ``vision/model.safetensors`` is timm's layout) to start ViT-E-sized runs lean.
     Raises FileNotFoundError for a missing file, ValueError for shape mismatches, and — when ``strict`` — a
     ValueError listing trunk keys the checkpoint lacks or checkpoint keys the trunk does not have.
     """
+    own = trunk.state_dict()
+    streamable = streamable_keys(path, trunk)
+    if streamable is not None:
+        keys, dropped = streamable
+        missing = sorted(k for k in own if k not in keys)
+        report = LoadReport(path=str(path), format="timm", loaded=sorted(keys), missing=missing,
+                            dropped=sorted(dropped))
+        if strict and missing:
+            raise ValueError(f"pretrained checkpoint {str(path)!r} (timm) does not fit {type(trunk).__name__}: "
+                             f"missing {missing[:20]}{'...' if len(missing) > 20 else ''}, unexpected []")
+        _load_streamed(trunk, path, keys)
+        (logger.warning if missing else logger.info)("pretrained load (streamed): %s", report.summary())
+        return report
     sd, fmt, dropped = to_trunk_state_dict(read_checkpoint(path), trunk)
     check_shapes(sd, trunk)
-    own = trunk.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own)
     report = LoadReport(

@@ -137,16 +137,20 @@ def tower_layer_map(tower: VisionTower) -> dict[str, int]:
 class VisionTower(nn.Module):
     """timm trunk (pooled features, original head removed) + fresh Linear(feature_dim -> embed_dim)."""
 
-    def __init__(self, trunk: nn.Module, embed_dim: int) -> None:
+    def __init__(self, trunk: nn.Module, embed_dim: int, head_device: torch.device | str | None = None,
+                 head_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.trunk = trunk
         # head_hidden_size differs from num_features for trunks with a pre-logits layer; it is what pooling outputs.
         self.feature_dim = int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
         self.embed_dim = embed_dim
-        self.head = nn.Linear(self.feature_dim, embed_dim)
-        # CLIP-style projection init (std = width^-0.5): the embedding starts with unit-scale norm.
-        nn.init.normal_(self.head.weight, std=self.feature_dim**-0.5)
-        nn.init.zeros_(self.head.bias)
+        meta = head_device is not None and torch.device(head_device).type == "meta"
+        self.head = nn.Linear(self.feature_dim, embed_dim, device="meta" if meta else "cpu")
+        if not meta:
+            # CLIP-style projection init (std = width^-0.5): the embedding starts with unit-scale norm.
+            nn.init.normal_(self.head.weight, std=self.feature_dim**-0.5)
+            nn.init.zeros_(self.head.bias)
+        self.head.to(device=head_device, dtype=head_dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(images))
@@ -224,13 +228,26 @@ def _buffers_reinitialisable(module: nn.Module) -> bool:
     return all(not m._non_persistent_buffers_set or hasattr(m, "init_non_persistent_buffers") for m in module.modules())
 
 
-def build_vision_tower(cfg: VisionConfig, embed_dim: int, device: torch.device | str | None = None) -> VisionTower:
-    """Build the tower for ``cfg.name`` (any timm model).
+def cast_parameters(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Parameters to ``dtype``, buffers kept as they are — what DeepSpeed's bf16 does to the module (RoPE tables and
+    other buffers stay fp32), so a tower built in bf16 computes exactly as one DeepSpeed cast."""
+    if dtype is not None:
+        for param in module.parameters():
+            param.data = param.data.to(dtype)
+    return module
+
+
+def build_vision_tower(cfg: VisionConfig, embed_dim: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> VisionTower:
+    """Build the tower for ``cfg.name`` (any timm model) on ``device`` (default CPU), in ``dtype`` (default fp32).
 
     ``device="meta"`` builds without allocating or running init compute (parameter counting, deferred init);
     pretrained weights are then not loaded, since meta tensors have no storage to load into. With a pretrained
-    checkpoint and strict loading the trunk is also built on meta and then materialised straight from the
-    checkpoint, skipping a random init that would be overwritten anyway (minutes for ViT-E's 4.35B parameters).
+    checkpoint and strict loading the trunk is also built on meta and then materialised straight on ``device`` in
+    ``dtype`` from the checkpoint, read tensor by tensor where its layout allows (pretrained.py): no random init
+    that would be overwritten (minutes for ViT-E's 4.35B parameters), and no fp32 host copy of the model or of the
+    file per rank (~17 GB each for ViT-E, times 8 ranks a node). The head is drawn on the CPU in fp32 and moved,
+    so its init does not depend on the device.
     """
     kwargs = _timm_kwargs(cfg)
     target = torch.device(device) if device is not None else torch.device("cpu")
@@ -241,6 +258,8 @@ def build_vision_tower(cfg: VisionConfig, embed_dim: int, device: torch.device |
     if target.type == "meta" or (load and strict):
         with torch.device("meta"):
             trunk = _create_trunk(cfg.name, kwargs)
+        if dtype is not None:
+            cast_parameters(trunk, dtype)  # free on meta: the storage is then allocated once, in the target dtype
         if target.type != "meta":
             if _buffers_reinitialisable(trunk):
                 # Strict loading guarantees every parameter and persistent buffer is overwritten from the checkpoint.
@@ -251,8 +270,9 @@ def build_vision_tower(cfg: VisionConfig, embed_dim: int, device: torch.device |
     if trunk is None:
         with target:
             trunk = _create_trunk(cfg.name, kwargs)
-    with target:
-        tower = VisionTower(trunk, embed_dim)
+        if dtype is not None:
+            cast_parameters(trunk, dtype)
+    tower = VisionTower(trunk, embed_dim, head_device=target, head_dtype=dtype)
 
     if load:
         assert cfg.pretrained_path is not None
