@@ -63,9 +63,11 @@ def llm_transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        # Parameters are allocated on the host and moved once built. With megatron's own init (perform_initialization)
-        # master weights are then drawn whole and sliced per TP rank; the on-device path seeds TP ranks differently.
-        use_cpu_initialization=True,
+        # With megatron's own init, host allocation draws master weights whole and slices them per TP rank (the
+        # on-device init seeds TP ranks differently). Without it (build_text_tower: hf_import fills every weight)
+        # parameters are allocated where torch.cuda.current_device() says — the GPU, so no rank stages its shard on
+        # the host (8 GB a rank for Llama-3-8B at TP=2 in bf16); the CPU under distributed/cpu_compat.py.
+        use_cpu_initialization=perform_initialization,
         perform_initialization=perform_initialization,
         # The fused kernels below need apex / TE / CUDA extensions, which are optional GPU-only extras.
         bias_activation_fusion=False,
@@ -190,7 +192,7 @@ class LLMTextEncoder(MegatronModule):
             rotary_percent=1.0,
             rotary_interleaved=config.rotary_interleaved,
             rotary_base=cfg.rotary_base,
-            use_cpu_initialization=config.use_cpu_initialization,
+            use_cpu_initialization=True,  # inv_freq computed on the host, as transformers does: the same bits
         )
         if cfg.rope_scaling:
             # Llama-3.1/3.2 rescale RoPE's low-frequency bands; megatron's helper implements HF's "llama3" formula
