@@ -59,10 +59,13 @@ def test_cuda_status_names_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_init_distributed_refuses_before_any_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This machine has no usable CUDA: as a Slurm task assigned GPUs, ``auto`` must stop, not fall back to gloo."""
+    """A node without usable CUDA (this one; faked on a GPU runner): as a Slurm task assigned GPUs, ``auto`` must
+    stop, not fall back to gloo."""
     import torch.distributed as dist
 
-    assert not cuda_status()[0]
+    from llm2clip_scale.distributed import backend
+
+    monkeypatch.setattr(backend, "cuda_status", lambda: UNUSABLE)
     for name, value in {**SLURM_GPUS, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}.items():
         monkeypatch.setenv(name, value)
     # A port nobody listens on: were the check missing, init_process_group (world 1) would succeed here.

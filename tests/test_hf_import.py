@@ -126,7 +126,7 @@ def _single_worker(dirs: dict) -> dict:
     from llm2clip_scale.models.llm.hf_import import SafetensorsSource, llm_config_from_hf, load_into_tower
     from llm2clip_scale.models.llm.tower import build_text_tower
 
-    init_distributed()
+    init_distributed("gloo")
     build_topology(1, 1)
     out: dict = {"cfg": llm_config_from_hf(dirs["llama"]), "qwen_cfg": llm_config_from_hf(dirs["qwen"])}
     with torch.no_grad():
@@ -158,7 +158,7 @@ def _single_worker(dirs: dict) -> dict:
 def _tp2_worker(dirs: dict) -> dict:
     from llm2clip_scale.distributed.topology import build_topology, init_distributed
 
-    init_distributed()
+    init_distributed("gloo")
     build_topology(2, 1)
     out = {}
     with torch.no_grad():
@@ -179,7 +179,7 @@ def _pipeline_worker(dirs: dict, tp: int, pp: int) -> dict:
     from llm2clip_scale.models.llm.embed import embed_local_batch
     from llm2clip_scale.models.llm.tower import build_text_tower
 
-    init_distributed()
+    init_distributed("gloo")
     topo = build_topology(tp, pp)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     out: dict = {"pp_rank": topo.pp_rank, "layers": None}

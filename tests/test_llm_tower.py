@@ -47,7 +47,7 @@ def _tp1_worker() -> dict:
     from llm2clip_scale.models.llm.embed import embed_local_batch
     from llm2clip_scale.models.llm.tower import build_text_tower
 
-    init_distributed()
+    init_distributed("gloo")
     topo = build_topology(1, 1)
     tower = build_text_tower(CFG)
     causal = build_text_tower(dataclasses.replace(CFG, bidirectional=False))
@@ -85,7 +85,7 @@ def _tp2_worker() -> dict:
     from llm2clip_scale.models.llm.embed import embed_local_batch
     from llm2clip_scale.models.llm.tower import build_text_tower
 
-    init_distributed()
+    init_distributed("gloo")
     topo = build_topology(2, 1)
     tower = build_text_tower(CFG)
     ids, mask = RANK_CAPTIONS[topo.rank]
