@@ -22,7 +22,10 @@ RANKS=$((NODES * RANKS_PER_NODE))
 # workers would share about one core. Each rank gets its node's cores divided by the ranks on it.
 CPUS_PER_RANK=$(( ${SLURM_CPUS_ON_NODE:-$RANKS_PER_NODE} / RANKS_PER_NODE ))
 export SRUN_CPUS_PER_TASK=$(( CPUS_PER_RANK > 0 ? CPUS_PER_RANK : 1 ))
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The whole list, then its first line: `scontrol ... | head -n 1` under pipefail ends the job with SIGPIPE (141,
+# silently) whenever scontrol is still writing when head exits, as with the list of a large allocation.
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${HOSTS%%$'\n'*}
 # A port from the job id: two jobs sharing a first node must not meet at a fixed 29500.
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT

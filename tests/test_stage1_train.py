@@ -324,25 +324,32 @@ def test_two_rank_mntp_pre_step_lowers_its_loss(dataset: Path, tmp_path: Path) -
     assert results[1]["mntp"] == mntp
 
 
-def test_stage1_config_rules() -> None:
+def test_stage1_config_rules(tmp_path: Path) -> None:
     from llm2clip_scale.config import ConfigError, validate
 
-    def problems(*overrides: str, world: int = 4) -> str:
-        with pytest.raises(ConfigError) as err:
-            validate(load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml", list(overrides)), world)
-        return str(err.value)
+    # Stand-ins for the demo data, so that on a fresh clone (no data/synthetic) the layout rules alone are reported.
+    for name in ("train-000000.tar", "train-000001.tar", "eval-000000.tar"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "tokenizer").mkdir()
+    data = [f"data.train_shards={tmp_path}/train-{{000000..000001}}.tar", f"model.llm.tokenizer={tmp_path}/tokenizer",
+            f"stage1.eval_pairs={tmp_path}/eval-000000.tar"]
 
-    message = problems("model.llm.lora_rank=0", "stage1.temperature=0", "stage1.fields=[short,short]",
-                       "stage1.mntp_probability=1.5", "stage1.eval_pairs=/nonexistent/eval.tar")
-    for field in ("model.llm.lora_rank", "stage1.temperature", "stage1.fields", "stage1.mntp_probability",
-                  "stage1.eval_pairs"):
-        assert field in message
+    def problems(*overrides: str, world: int = 4) -> list[str]:
+        with pytest.raises(ConfigError) as err:
+            validate(load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml", [*data, *overrides]), world)
+        return str(err.value).split("\n  - ")[1:]
+
+    found = problems("model.llm.lora_rank=0", "stage1.temperature=0", "stage1.fields=[short,short]",
+                     "stage1.mntp_probability=1.5", f"stage1.eval_pairs={tmp_path}/nonexistent.tar")
+    # Every problem at once, one each, and nothing else.
+    assert sorted(line.split(":")[0] for line in found) == [
+        "model.llm.lora_rank", "stage1.eval_pairs", "stage1.fields", "stage1.mntp_probability", "stage1.temperature"
+    ], found
     # The batch splits over LLM data parallelism only: 4 ranks at TP=2 are 2 replicas, so 16 = 8 x 2 is fine ...
-    ok = load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml",
-                     ["parallel.tensor_parallel=2", "train.global_batch=16", "train.micro_batch=8"])
-    try:
-        validate(ok, 4)
-    except ConfigError as err:  # only missing demo data may be reported where it was not built
-        assert "train.global_batch" not in str(err)
+    validate(load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml",
+                         [*data, "parallel.tensor_parallel=2", "train.global_batch=16", "train.micro_batch=8"]), 4)
     # ... but not at TP=1 (4 replicas).
-    assert "LLM data-parallel size (4)" in problems("train.global_batch=16", "train.micro_batch=8")
+    assert problems("train.global_batch=16", "train.micro_batch=8") == [
+        "train.global_batch: 16 pairs is not a multiple of micro_batch (8) x LLM data-parallel size (4); stage 1 "
+        "embeds micro_batch pairs at a time per model replica"
+    ]

@@ -152,17 +152,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"model.adapter.input_dim: {model.adapter.input_dim} != model.llm.hidden_size {model.llm.hidden_size}; "
             "the adapter consumes the LLM's pooled embedding, so set them equal"
         )
+    problems.extend(_llm_shape_problems(cfg))
     llm = model.llm
-    if llm.hidden_size % llm.num_attention_heads or llm.num_attention_heads % llm.num_query_groups:
-        problems.append(
-            "model.llm: hidden_size must be divisible by num_attention_heads, and num_attention_heads by "
-            "num_query_groups"
-        )
-    elif llm.num_query_groups % par.tensor_parallel or llm.num_attention_heads % par.tensor_parallel:
-        problems.append(
-            f"parallel.tensor_parallel: {par.tensor_parallel} must divide model.llm.num_attention_heads "
-            f"({llm.num_attention_heads}) and num_query_groups ({llm.num_query_groups})"
-        )
     offline_train = data.train_embedding_shards is not None
     needs_tokenizer = not offline_train or (bool(data.eval_shards) and data.eval_embedding_shards is None)
     if not llm.tokenizer:
@@ -171,11 +162,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     elif not Path(llm.tokenizer).is_dir():
         problems.append(f"model.llm.tokenizer: {llm.tokenizer} is not a directory; create it or fix the path")
     if llm.hf_checkpoint is not None and not Path(llm.hf_checkpoint).is_dir():
-        problems.append(f"model.llm.hf_checkpoint: {llm.hf_checkpoint} is not a directory")
+        problems.append(f"model.llm.hf_checkpoint: {llm.hf_checkpoint} is not a directory; point it at the "
+                        "HuggingFace checkpoint directory (config.json + safetensors) or set it to null")
     problems.extend(_text_input_problems(cfg))
 
     if model.vision.pretrained_path is not None and not Path(model.vision.pretrained_path).is_file():
-        problems.append(f"model.vision.pretrained_path: {model.vision.pretrained_path} is not a file")
+        problems.append(f"model.vision.pretrained_path: {model.vision.pretrained_path} is not a file; fix the path "
+                        "or set it to null for a random init")
     for name in ("adapter_init", "vision_head_init"):
         value = getattr(model, name)
         if value is not None and not Path(value).is_file():
@@ -227,6 +220,30 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def _llm_shape_problems(cfg: Config) -> list[str]:
+    """The LLM's head layout and how megatron's tensor parallelism splits it (checked without dividing by zero)."""
+    llm, tp, problems = cfg.model.llm, cfg.parallel.tensor_parallel, []
+    if llm.num_attention_heads < 1 or llm.num_query_groups < 1:
+        return ["model.llm.num_attention_heads/num_query_groups: must be >= 1 (Llama-3-8B: 32 heads, 8 groups)"]
+    if llm.hidden_size % llm.num_attention_heads or llm.num_attention_heads % llm.num_query_groups:
+        problems.append(
+            "model.llm: hidden_size must be divisible by num_attention_heads, and num_attention_heads by "
+            "num_query_groups"
+        )
+    elif tp >= 1 and (llm.num_query_groups % tp or llm.num_attention_heads % tp):
+        problems.append(
+            f"parallel.tensor_parallel: {tp} must divide model.llm.num_attention_heads "
+            f"({llm.num_attention_heads}) and num_query_groups ({llm.num_query_groups})"
+        )
+    if tp >= 1 and (llm.ffn_hidden_size % tp or llm.vocab_size % tp):
+        problems.append(
+            f"parallel.tensor_parallel: {tp} must divide model.llm.ffn_hidden_size ({llm.ffn_hidden_size}) and "
+            f"vocab_size ({llm.vocab_size}); megatron splits the MLP and the embedding table evenly over the TP ranks "
+            "(pad vocab_size up to a multiple of TP)"
+        )
+    return problems
+
+
 def _run_problems(cfg: Config) -> list[str]:
     """Checkpointing, resume, evaluation cadence and the loader's shuffle blocks."""
     problems: list[str] = []
@@ -263,15 +280,27 @@ def _text_input_problems(cfg: Config) -> list[str]:
         from llm2clip_scale.data.samples import load_tokenizer
 
         try:
-            check_llm2vec_tokenizer(load_tokenizer(llm.tokenizer))
-        except ValueError as err:
-            problems.append(str(err))
+            tokenizer = load_tokenizer(llm.tokenizer)
+        except (OSError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problems.append(f"model.llm.tokenizer: {llm.tokenizer} does not load as a HuggingFace tokenizer "
+                            f"({first_line}); point it at the LLM's tokenizer directory")
+        else:
+            try:
+                check_llm2vec_tokenizer(tokenizer)
+            except ValueError as err:
+                problems.append(str(err))
     if llm.lora_rank > 0 and cfg.train.stage == "stage2" and cfg.data.train_embedding_shards is not None:
         problems.append("model.llm.lora_rank: a trainable LLM LoRA needs the LLM in the loop; offline mode "
                         "(data.train_embedding_shards) reads fixed embeddings — train online or set lora_rank=0")
     if llm.lora_rank > 0 and cfg.train.stage == "proclip_inherit":
         problems.append("model.llm.lora_rank: ProCLIP stage 1 trains the adapter only; set lora_rank=0 (or chain a "
                         "stage-1 LoRA with model.llm.lora_init)")
+    if llm.layer_spec not in ("auto", "local", "transformer_engine"):
+        problems.append(f"model.llm.layer_spec: {llm.layer_spec!r} unknown; use auto, local or transformer_engine")
+    elif llm.layer_spec == "transformer_engine" and (llm.lora_rank > 0 or llm.lora_init):
+        problems.append("model.llm.layer_spec: transformer_engine fuses the input norm into the linears LoRA adapts "
+                        "(lora_rank / lora_init are set); use local, or auto, which picks local for a LoRA tower")
     if cfg.optim.llm_lora_lr is not None and cfg.optim.llm_lora_lr <= 0:
         problems.append(f"optim.llm_lora_lr: {cfg.optim.llm_lora_lr} must be > 0 (or null for optim.lr)")
     if llm.lora_init is not None:
