@@ -12,6 +12,7 @@ every TP/PP layout of one config computes the same function.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,8 @@ from torch import Tensor
 
 from llm2clip_scale.config.schema import LLMConfig
 from llm2clip_scale.kernels import megatron_layer_spec_name
+
+log = logging.getLogger(__name__)
 
 
 def llm_transformer_config(
@@ -95,7 +98,11 @@ def layer_spec_name(cfg: LLMConfig) -> str:
     """
     if cfg.layer_spec != "auto":
         return cfg.layer_spec
-    return "local" if uses_lora(cfg) else megatron_layer_spec_name()
+    chosen = megatron_layer_spec_name()
+    if chosen != "local" and uses_lora(cfg):
+        log.info("model.llm.layer_spec auto: local, not %s — the tower carries LoRA", chosen)
+        return "local"
+    return chosen
 
 
 def _layer_spec(choice: str, bidirectional: bool) -> ModuleSpec:
