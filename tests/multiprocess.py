@@ -37,13 +37,14 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
         payload = ("ok", result)
     except BaseException:  # noqa: BLE001 - the parent re-raises with the child's traceback
         payload = ("error", traceback.format_exc())
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # Written before any teardown, so that a crash there is reported as one (run_on_ranks says which ranks had
+    # returned), not mistaken for a failure of ``fn``.
     with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as fh:
         pickle.dump(payload, fh)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     # The result is on disk: skip the interpreter's teardown, where native threads of DeepSpeed/gloo left joinable
     # have been seen to abort the process ("terminate called without an active exception") on a loaded machine,
     # failing a test whose ranks had all finished correctly.
@@ -75,11 +76,16 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300
         import time
 
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout}s")
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for proc in ctx.processes:
+                        proc.kill()
+                    raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout}s")
+        except mp.ProcessExitedException as err:  # a rank died (signal, os._exit): say how far every rank got
+            returned = [rank for rank in range(world_size) if (Path(out_dir) / f"rank{rank}.pkl").exists()]
+            raise RuntimeError(f"{fn.__name__}: {err}; ranks that had returned their result before it: "
+                               f"{returned or 'none'} (the stderr above holds the dying rank's Python stacks)") from err
         payloads = [pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes()) for rank in range(world_size)]
         # Every failed rank's traceback: the first rank's is often only "connection closed by peer", the
         # consequence of another rank's error.
