@@ -74,6 +74,36 @@ def _stage2(overrides: list[str]) -> dict:
     return run_training(load_config(REPO / "configs" / "proclip_stage2_tiny.yaml", overrides))
 
 
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in module.parameters()]).clone()
+
+
+def _stage2_recording_ema(runs: list[list[str]]) -> list[dict]:
+    """Stage-2 runs in one pair of rank processes (process start-up is most of a tiny run's time), each recording
+    its EMA teacher: its state before step 1, and after every micro-step whether that micro-step was an accumulation
+    boundary, the teacher and the student's vision tower (flattened, in parameter order: EMATeacher.update's zip)."""
+    from llm2clip_scale.train import stage2
+
+    original = stage2.Stage2Step.__call__
+    records: list[dict] = []
+
+    def recording(self, batch: dict) -> float:
+        if "start" not in records[-1]:
+            records[-1]["start"] = {k: v.clone() for k, v in self.teacher.teacher.state_dict().items()}
+            records[-1]["start_flat"] = _flat(self.teacher.teacher)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        loss = original(self, batch)
+        records[-1]["micro"].append((boundary, _flat(self.teacher.teacher), _flat(self.engine.module.vision)))
+        return loss
+
+    stage2.Stage2Step.__call__ = recording
+    results = []
+    for overrides in runs:
+        records.append({"micro": []})
+        results.append({**_stage2(overrides), **records[-1]})
+    return results
+
+
 def _scalars(log_dir: Path, tag: str) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -153,12 +183,16 @@ def test_stage1_trains_and_stage2_starts_from_its_adapter(
     assert torch.equal(model.vision.head.weight, load_file(str(ref / "vision.safetensors"))["head.weight"])
 
     # Stage 2 through the real entry point with lr 0: its final checkpoint still holds the warm-start weights, so the
-    # engine really trained from them (and the EMA teacher, built from the same tower, started there too).
+    # engine really trained from them. A second run in the same processes trains (lr 1e-3) for 2 optimizer steps of 2
+    # micro-steps each, with an EMA momentum whose swap (m <-> 1 - m) would show, to check the teacher's updates.
     run = tmp_path / "s2"
-    overrides = [*_overrides(dataset, ref, run, steps=1), "optim.lr=0.0", f"model.adapter_init={adapter_file}",
-                 f"model.vision.pretrained_path={ref}/vision.safetensors",
-                 f"model.vision_head_init={ref}/vision.safetensors"]
-    stage2 = run_on_ranks(_stage2, 2, overrides)
+    warm = [f"model.adapter_init={adapter_file}", f"model.vision.pretrained_path={ref}/vision.safetensors",
+            f"model.vision_head_init={ref}/vision.safetensors"]
+    overrides = [*_overrides(dataset, ref, run, steps=1), "optim.lr=0.0", *warm]
+    momentum = 0.75
+    trained = [*_overrides(dataset, ref, tmp_path / "s2_ema", steps=2), *warm, f"train.ema_momentum={momentum}"]
+    results = run_on_ranks(_stage2_recording_ema, 2, [overrides, trained])
+    stage2, ema = [rank[0] for rank in results], [rank[1] for rank in results]
     assert stage2[0]["num_samples"] == 32
     module = torch.load(run / "ckpt" / "step1" / "vision" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)["module"]
@@ -170,6 +204,29 @@ def test_stage1_trains_and_stage2_starts_from_its_adapter(
     vision = load_file(str(ref / "vision.safetensors"))
     for key, value in vision.items():
         assert torch.equal(module[f"vision.{key if key.startswith('head.') else 'trunk.' + key}"], value), key
+
+    # The EMA teacher (ProCLIP's self-distillation target) starts from the warm-start image encoder on every rank.
+    for record in ema:
+        assert record["start"].keys() == {key if key.startswith("head.") else f"trunk.{key}" for key in vision}
+        for key, value in vision.items():
+            assert torch.equal(record["start"][key if key.startswith("head.") else f"trunk.{key}"], value), key
+    # Then it moves once per optimizer step, after the accumulation boundary: teacher <- m * teacher + (1 - m) *
+    # student-after-the-step; the micro-step before a boundary leaves it as it was. Every rank holds the same teacher.
+    micro = ema[0]["micro"]
+    assert [boundary for boundary, _, _ in micro] == [False, True, False, True]
+    teacher = ema[0]["start_flat"]
+    for index, (boundary, after, student) in enumerate(micro):
+        assert torch.equal(after, ema[1]["micro"][index][1]), index
+        if not boundary:
+            assert torch.equal(after, teacher), index
+            continue
+        expected = (momentum * teacher.double() + (1 - momentum) * student.double()).float()
+        print(f"micro-step {index}: |student - teacher| max {float((student - teacher).abs().max()):.3g}, "
+              f"|teacher - (m t + (1 - m) s)| max {float((after - expected).abs().max()):.3g}")
+        # lerp vs the float64 reference: rounding, ~1 ulp of the weights (measured 2e-10 at most). A skipped, doubled
+        # or m <-> 1 - m update is off by ~(1 - m) |s - t| (measured |s - t| ~1e-3): 5 orders of magnitude above.
+        torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-8)
+        teacher = after
 
 
 def test_stage1_config_is_validated(dataset: Path, tmp_path: Path) -> None:
