@@ -27,7 +27,9 @@ def test_backend_choice(requested: str, env: dict, status: tuple[bool, str], exp
 
 
 @pytest.mark.parametrize("env", [SLURM_GPUS, {"SLURM_STEP_GPUS": "0,1"}, {"SLURM_JOB_GPUS": "3"},
-                                 {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}])
+                                 {"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+                                 # a single-GPU job: GPU id 0, not a count of zero
+                                 {"CUDA_VISIBLE_DEVICES": "0"}, {"SLURM_JOB_GPUS": "0"}, {"SLURM_STEP_GPUS": "0"}])
 def test_auto_on_assigned_gpus_without_cuda_stops(env: dict) -> None:
     with pytest.raises(BackendError) as err:
         resolve_backend("auto", env, UNUSABLE)

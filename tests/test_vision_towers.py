@@ -190,6 +190,21 @@ def test_tiny_towers_forward(name: str) -> None:
     assert out.shape == (2, EMBED) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", list(REAL_TOWERS))
+def test_bf16_towers_forward_like_fp32(name: str) -> None:
+    """Built in bf16 (stage 2's training dtype), every tower runs — EVA's zero k_bias buffer joins its bf16 q/v
+    biases — and stays within bf16 rounding of the same weights in fp32; buffers such as RoPE tables stay fp32."""
+    torch.manual_seed(0)
+    fp32 = build_vision_tower(tiny_cfg(name), EMBED)
+    torch.manual_seed(0)
+    bf16 = build_vision_tower(tiny_cfg(name), EMBED, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert all(b.dtype == torch.float32 for n, b in bf16.named_buffers() if not n.endswith("k_bias"))
+    with torch.no_grad():
+        expected, got = fp32(images()), bf16(images().to(torch.bfloat16)).float()
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()  # bf16: 8 mantissa bits over a few layers
+
+
 def test_clip_model_still_builds_and_runs() -> None:
     cfg = ModelConfig(embed_dim=EMBED, vision=tiny_cfg(), adapter=AdapterConfig(input_dim=32, num_blocks=1))
     model = build_clip_model(cfg)

@@ -15,9 +15,11 @@ from collections.abc import Mapping
 
 import torch
 
-# Set by Slurm for a step/job with GPUs (gres or --gpus*); CUDA_VISIBLE_DEVICES by Slurm or the user.
+# Set by Slurm for a step/job with GPUs (gres or --gpus*); CUDA_VISIBLE_DEVICES by Slurm or the user. All but
+# SLURM_GPUS_ON_NODE (a count) list GPU ids, where "0" is GPU 0 — the one GPU of a single-GPU job.
 GPU_ASSIGNMENT_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")
-_NO_GPU_VALUES = {"", "0", "-1", "(null)", "NoDevFiles"}
+_NO_GPU_VALUES = {"", "-1", "(null)", "NoDevFiles"}
+_COUNT_VARIABLES = {"SLURM_GPUS_ON_NODE"}
 
 
 class BackendError(RuntimeError):
@@ -41,8 +43,9 @@ def assigned_gpus(env: Mapping[str, str]) -> str | None:
     """The first variable that says GPUs were assigned to this task, as ``NAME=value``; None when none does."""
     for name in GPU_ASSIGNMENT_VARIABLES:
         value = env.get(name)
-        if value is not None and value.strip() not in _NO_GPU_VALUES:
-            return f"{name}={value}"
+        if value is None or value.strip() in _NO_GPU_VALUES or (name in _COUNT_VARIABLES and value.strip() == "0"):
+            continue
+        return f"{name}={value}"
     return None
 
 

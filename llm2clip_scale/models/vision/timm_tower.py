@@ -228,12 +228,23 @@ def _buffers_reinitialisable(module: nn.Module) -> bool:
     return all(not m._non_persistent_buffers_set or hasattr(m, "init_non_persistent_buffers") for m in module.modules())
 
 
+# Buffers that are concatenated with parameters inside a layer, so they must share the parameters' dtype: timm's EVA
+# attention builds its qkv bias as cat(q_bias, k_bias, v_bias) with k_bias a zero buffer (exact in any dtype).
+_PARAMETER_LIKE_BUFFERS = ("k_bias",)
+
+
 def cast_parameters(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """Parameters to ``dtype``, buffers kept as they are — what DeepSpeed's bf16 does to the module (RoPE tables and
-    other buffers stay fp32), so a tower built in bf16 computes exactly as one DeepSpeed cast."""
+    """Parameters to ``dtype``, other buffers kept as they are — what DeepSpeed's bf16 does to the module (RoPE tables
+    stay fp32), so a tower built in bf16 computes as one DeepSpeed cast. Unlike DeepSpeed, buffers that join a
+    parameter in one op (_PARAMETER_LIKE_BUFFERS) are cast too: a bf16 EVA (ViT-E) would otherwise fail its first
+    forward with a float32 bias beside bfloat16 weights."""
     if dtype is not None:
         for param in module.parameters():
             param.data = param.data.to(dtype)
+        for sub in module.modules():
+            for name in _PARAMETER_LIKE_BUFFERS:
+                if isinstance(sub._buffers.get(name), torch.Tensor):
+                    sub._buffers[name] = sub._buffers[name].to(dtype)
     return module
 
 
