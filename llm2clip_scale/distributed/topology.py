@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from llm2clip_scale.distributed.backend import resolve_backend
+from llm2clip_scale.distributed.backend import collective_device, resolve_backend
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ def build_topology(tp_size: int = 1, pp_size: int = 1) -> Topology:
 
     # The device follows the process group, not the machine: a gloo run on a GPU node (on purpose, see
     # distributed/backend.py) is a CPU run throughout.
-    on_gpu = dist.get_backend() == "nccl"
-    enable_cpu_compat(on_cpu=not on_gpu)
+    device = collective_device()
+    enable_cpu_compat(on_cpu=device.type == "cpu")
     world = dist.get_world_size()
     if world % (tp_size * pp_size):
         raise ValueError(f"TP ({tp_size}) x PP ({pp_size}) does not divide the world size {world}")
@@ -102,7 +102,6 @@ def build_topology(tp_size: int = 1, pp_size: int = 1) -> Topology:
             create_gloo_process_groups=False,
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return Topology(
         rank=dist.get_rank(),
         world_size=world,

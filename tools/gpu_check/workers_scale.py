@@ -10,6 +10,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,28 +134,27 @@ def worker_host_memory(spec: dict) -> dict:
         matrices, vectors = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
         return tensor_facts(matrices)[0], tensor_facts(vectors)[0], tensor_facts(params)[1]
 
-    out = {}
-    before = allocated()
-    with HostPeak() as peak:
-        tower = build_vision_tower(_vision_config(spec, spec["vision"]["path"]), 1024, device=device,
-                                   dtype=torch.bfloat16)
-    dtypes, vector_dtypes, devices = describe(tower)
-    out["vision"] = {"what": f"ViT-E {spec['vision_depth']} blocks", "anon_growth": peak.anon_growth,
-                     "hwm_growth": peak.hwm_growth, "device_growth": allocated() - before,
-                     "largest_tensor_bytes": spec["vision"]["largest"], "fp32_bytes": spec["vision"]["fp32"],
-                     "param_dtypes": dtypes, "vector_dtypes": vector_dtypes, "param_devices": devices}
-    del tower
-    gc.collect()
+    def measure(what: str, facts: dict, build: Callable[[], torch.nn.Module]) -> dict:
+        """Host and device growth while ``build`` runs, beside the file's largest tensor and fp32 size."""
+        before = allocated()
+        with HostPeak() as peak:
+            module = build()
+        dtypes, vector_dtypes, devices = describe(module)
+        record = {"what": what, "anon_growth": peak.anon_growth, "hwm_growth": peak.hwm_growth,
+                  "device_growth": allocated() - before, "largest_tensor_bytes": facts["largest"],
+                  "fp32_bytes": facts["fp32"], "param_dtypes": dtypes, "vector_dtypes": vector_dtypes,
+                  "param_devices": devices}
+        del module
+        gc.collect()
+        return record
+
     cfg = dataclasses.replace(llm_config_from_hf(spec["llm"]["path"]), layer_spec="local")
-    before = allocated()
-    with HostPeak() as peak:
-        llm = build_text_tower(cfg, params_dtype=torch.bfloat16, device=topo.device)
-    dtypes, vector_dtypes, devices = describe(llm)
-    out["llm"] = {"what": f"Llama {spec['llm_layers']} layers", "anon_growth": peak.anon_growth,
-                  "hwm_growth": peak.hwm_growth, "device_growth": allocated() - before,
-                  "largest_tensor_bytes": spec["llm"]["largest"], "fp32_bytes": spec["llm"]["fp32"],
-                  "param_dtypes": dtypes, "vector_dtypes": vector_dtypes, "param_devices": devices}
-    return out
+    return {
+        "vision": measure(f"ViT-E {spec['vision_depth']} blocks", spec["vision"], lambda: build_vision_tower(
+            _vision_config(spec, spec["vision"]["path"]), 1024, device=device, dtype=torch.bfloat16)),
+        "llm": measure(f"Llama {spec['llm_layers']} layers", spec["llm"],
+                       lambda: build_text_tower(cfg, params_dtype=torch.bfloat16, device=topo.device)),
+    }
 
 
 def worker_big_step(spec: dict) -> dict:

@@ -285,14 +285,13 @@ def build_text_tower(
     weights. The caller's global RNG state is left untouched. ``trainable=False``
     (stage 2) returns a frozen tower in eval mode.
     """
+    from llm2clip_scale.distributed.backend import collective_device
     from llm2clip_scale.distributed.cpu_compat import enable_cpu_compat
-    from llm2clip_scale.distributed.cpu_compat import is_enabled as cpu_compat_enabled
     from llm2clip_scale.models.llm.hf_import import init_seeded, load_hf_checkpoint
 
     enable_cpu_compat()  # inert when CUDA is present (build_topology has enabled it for a gloo run on a GPU node)
     if device is None:
-        on_gpu = torch.cuda.is_available() and not cpu_compat_enabled()
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
+        device = collective_device()  # the process group's device: a gloo run on a GPU node stays on the CPU
     # Every forward enters the model-parallel RNG tracker (attention dropout), so it must exist; respect a seeding
     # the training loop already did.
     if not get_cuda_rng_tracker().is_initialized():
