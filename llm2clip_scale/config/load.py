@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm2clip_scale.config.schema import Config
+from llm2clip_scale.data.index import DatasetIndexError, index_urls, is_index
 
 # Mirrors llm2clip_scale.losses.LOSS_NAMES (config stays free of torch imports; tests/test_config.py checks they agree).
 LOSS_NAMES = ("infonce", "infonce_tiled", "siglip")
@@ -62,9 +63,13 @@ def world_size_from_env() -> int:
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Brace- and glob-expand a shard pattern (``::`` separates several patterns)."""
+    """Brace- and glob-expand a shard pattern (``::`` separates several patterns; a ``.json`` part is a dataset
+    index, whose shards are listed in it)."""
     urls: list[str] = []
     for part in pattern.split("::"):
+        if is_index(part):  # a dataset index lists its shards (data/index.py): no expansion of 100k names
+            urls.extend(index_urls(part))
+            continue
         for item in braceexpand.braceexpand(part):
             urls.extend(sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item])
     return urls
@@ -72,7 +77,14 @@ def expand_shards(pattern: str) -> list[str]:
 
 def _missing_files(field: str, pattern: str, fix: str) -> list[str]:
     """A problem line when ``pattern`` expands to nothing or names files that do not exist, else nothing."""
-    urls = expand_shards(pattern)
+    try:
+        urls = expand_shards(pattern)
+    except DatasetIndexError as err:
+        return [f"{field}: {err}"]
+    if all(is_index(part) for part in pattern.split("::")):
+        # An index is written last by the builder, so its shards exist; a stat of 100k files on a cluster
+        # filesystem costs minutes. Check the ends only (a dataset moved without its shards).
+        urls = urls[:1] + urls[-1:]
     missing = [url for url in urls if not Path(url).is_file()]
     if urls and not missing:
         return []
