@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import braceexpand
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llm2clip_scale.config.schema import Config
+from llm2clip_scale.config.schema import Config, DataConfig, train_sources, trains_offline
 from llm2clip_scale.data.index import DatasetIndexError, index_urls, is_index
 
 # Mirrors llm2clip_scale.losses.LOSS_NAMES (config stays free of torch imports; tests/test_config.py checks they agree).
@@ -81,10 +82,14 @@ def _missing_files(field: str, pattern: str, fix: str) -> list[str]:
         urls = expand_shards(pattern)
     except DatasetIndexError as err:
         return [f"{field}: {err}"]
-    if all(is_index(part) for part in pattern.split("::")):
+    if urls and all(is_index(part) for part in pattern.split("::")):
         # An index is written last by the builder, so its shards exist; a stat of 100k files on a cluster
         # filesystem costs minutes. Check the ends only (a dataset moved without its shards).
-        urls = urls[:1] + urls[-1:]
+        missing = [url for url in dict.fromkeys([urls[0], urls[-1]]) if not Path(url).is_file()]
+        if missing:
+            return [f"{field}: {missing[0]} listed by the index is missing (the first and last of its {len(urls)} "
+                    f"shards are checked); {fix}"]
+        return []
     missing = [url for url in urls if not Path(url).is_file()]
     if urls and not missing:
         return []
@@ -166,7 +171,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     problems.extend(_llm_shape_problems(cfg))
     llm = model.llm
-    offline_train = data.train_embedding_shards is not None
+    offline_train = trains_offline(data)
     needs_tokenizer = not offline_train or (bool(data.eval_shards) and data.eval_embedding_shards is None)
     if not llm.tokenizer:
         if needs_tokenizer:
@@ -206,21 +211,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         problems.extend(_stage1_problems(cfg))
     problems.extend(_run_problems(cfg))
 
-    if not data.train_shards:
-        problems.append("data.train_shards: empty; give a shard pattern like /data/train-{000000..000009}.tar")
-    else:
-        build_hint = "fix the pattern or build the shards (python data_prep/make_synthetic.py for the demo)"
-        problems += _missing_files("data.train_shards", data.train_shards, build_hint)
+    problems.extend(_train_data_problems(data))
     if data.eval_shards:
         problems += _missing_files("data.eval_shards", data.eval_shards, "fix the pattern")
-    for name in ("train_embedding_shards", "eval_embedding_shards"):
-        if getattr(data, name) is not None:
-            embed_hint = "write them with data_prep/embed_captions.py"
-            problems += _missing_files(f"data.{name}", getattr(data, name), embed_hint)
-    if not data.caption_fields or any(w < 0 for w in data.caption_fields.values()) or not any(
-        w > 0 for w in data.caption_fields.values()
-    ):
-        problems.append("data.caption_fields: give at least one field with a positive weight, e.g. {raw: 1.0}")
+    if data.eval_embedding_shards is not None:
+        problems += _sidecar_problems("data.eval_embedding_shards", data.eval_embedding_shards)
     if data.augment not in ("none", "random_resized_crop"):
         problems.append(f"data.augment: {data.augment!r} unknown; use none or random_resized_crop")
     if len(data.image_mean) != 3 or len(data.image_std) != 3:
@@ -230,6 +225,59 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+EMBED_HINT = "write them with data_prep/embed_captions.py"
+
+
+def _sidecar_problems(where: str, pattern: str) -> list[str]:
+    # A folder means "the sidecar of each image shard by its file name" (data/shards.py: paired_shard_list); the
+    # loader then names any that is missing, as for a pattern.
+    return [] if Path(pattern).is_dir() else _missing_files(where, pattern, EMBED_HINT)
+
+
+def _caption_weight_problems(where: str, weights: dict[str, float]) -> list[str]:
+    if not weights or any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        return [f"{where}: give at least one field with a positive weight, e.g. {{raw: 1.0}}"]
+    return []
+
+
+def _train_data_problems(data: DataConfig) -> list[str]:
+    """Training shards, sidecars and caption fields: of data.train_shards, or of each data.train_datasets entry."""
+    build_hint = "fix the pattern or build the shards (data_prep/build_shards.py; make_synthetic.py for the demo)"
+    problems = _caption_weight_problems("data.caption_fields", data.caption_fields)
+    if not data.train_datasets:
+        if not data.train_shards:
+            return problems + ["data.train_shards: empty; give a shard pattern like /data/train-{000000..000009}.tar "
+                               "or a dataset index /data/cc/index.json (or list data.train_datasets)"]
+        problems += _missing_files("data.train_shards", data.train_shards, build_hint)
+        if data.train_embedding_shards is not None:
+            problems += _sidecar_problems("data.train_embedding_shards", data.train_embedding_shards)
+        return problems
+    if data.train_shards or data.train_embedding_shards is not None:
+        problems.append("data.train_shards/train_embedding_shards: set, but data.train_datasets is given too; move "
+                        "them into a train_datasets entry (shards, embedding_shards) and leave them empty")
+    names = [source.name for source in train_sources(data)]
+    for i, given in enumerate(data.train_datasets):
+        where = f"data.train_datasets[{i}]"
+        if not given.shards:
+            problems.append(f"{where}.shards: empty; give a shard pattern or a dataset index (.json)")
+        else:
+            problems += _missing_files(f"{where}.shards", given.shards, build_hint)
+        if given.embedding_shards is not None:
+            problems += _sidecar_problems(f"{where}.embedding_shards", given.embedding_shards)
+        if given.caption_fields:
+            problems += _caption_weight_problems(f"{where}.caption_fields", given.caption_fields)
+        if not given.weight > 0 or not math.isfinite(given.weight):
+            problems.append(f"{where}.weight: {given.weight} must be a positive number (its share of samples)")
+    if len(set(names)) != len(names):
+        problems.append(f"data.train_datasets: names {names} repeat; give each dataset its own name")
+    offline = [source.embedding_shards is not None for source in data.train_datasets]
+    if any(offline) and not all(offline):
+        problems.append("data.train_datasets: some datasets give embedding_shards and some do not; a batch is "
+                        "either all precomputed (offline) or all tokenised (online) — embed the others with "
+                        "data_prep/embed_captions.py or drop their embedding_shards")
+    return problems
 
 
 def _llm_shape_problems(cfg: Config) -> list[str]:
@@ -302,7 +350,7 @@ def _text_input_problems(cfg: Config) -> list[str]:
                 check_llm2vec_tokenizer(tokenizer)
             except ValueError as err:
                 problems.append(str(err))
-    if llm.lora_rank > 0 and cfg.train.stage == "stage2" and cfg.data.train_embedding_shards is not None:
+    if llm.lora_rank > 0 and cfg.train.stage == "stage2" and trains_offline(cfg.data):
         problems.append("model.llm.lora_rank: a trainable LLM LoRA needs the LLM in the loop; offline mode "
                         "(data.train_embedding_shards) reads fixed embeddings — train online or set lora_rank=0")
     if llm.lora_rank > 0 and cfg.train.stage == "proclip_inherit":

@@ -95,6 +95,17 @@ class ModelConfig:
 
 
 @dataclass
+class DatasetSource:
+    """One training dataset of a weighted mix (``data.train_datasets``)."""
+
+    shards: str = ""  # shard pattern or dataset index (.json)
+    embedding_shards: str | None = None  # offline sidecars: a pattern (one per image shard, same order) or a folder
+    caption_fields: dict[str, float] = field(default_factory=dict)  # empty: data.caption_fields
+    weight: float = 1.0  # share of training samples, relative to the other datasets' weights
+    name: str = ""  # for logs and per-dataset counts; default dataset<i>
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""  # brace pattern, e.g. /data/cc/train-{000000..000099}.tar
     eval_shards: str | None = None
@@ -104,6 +115,10 @@ class DataConfig:
     eval_embedding_shards: str | None = None
     # Caption-field mixing: field name in the sample json -> sampling weight.
     caption_fields: dict[str, float] = field(default_factory=lambda: {"raw": 1.0})
+    # Weighted mixing of several datasets, each with its own shards, sidecars and caption fields; when given, it
+    # replaces train_shards/train_embedding_shards (leave those empty). Each sample comes from dataset i with
+    # probability weight_i / sum(weights), whatever the datasets' sizes (all streams are resampled, endless).
+    train_datasets: list[DatasetSource] = field(default_factory=list)
     eval_caption_field: str = "short"
     max_text_len: int = 128  # tokens per caption after truncation (LLM2CLIP uses up to 512)
     num_workers: int = 2
@@ -114,6 +129,22 @@ class DataConfig:
     augment: str = "none"  # none | random_resized_crop
     image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+
+def train_sources(data: DataConfig) -> list[DatasetSource]:
+    """The training datasets as one list: ``data.train_datasets``, or the single ``data.train_shards`` dataset."""
+    if data.train_datasets:
+        return [
+            DatasetSource(d.shards, d.embedding_shards, dict(d.caption_fields or data.caption_fields), d.weight,
+                          d.name or f"dataset{i}")
+            for i, d in enumerate(data.train_datasets)
+        ]
+    return [DatasetSource(data.train_shards, data.train_embedding_shards, dict(data.caption_fields), 1.0, "train")]
+
+
+def trains_offline(data: DataConfig) -> bool:
+    """Training reads sidecar embeddings (every dataset has them; the config check refuses a partial mix)."""
+    return all(source.embedding_shards is not None for source in train_sources(data))
 
 
 @dataclass

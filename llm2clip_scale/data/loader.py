@@ -26,7 +26,6 @@ collation in :mod:`llm2clip_scale.data.samples`; the public names are re-exporte
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -35,7 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from llm2clip_scale.config.schema import DataConfig
+from llm2clip_scale.config.schema import DataConfig, train_sources
 from llm2clip_scale.data.samples import (
     IMAGE_EXTENSIONS,
     Collator,
@@ -44,7 +43,6 @@ from llm2clip_scale.data.samples import (
     eval_examples,
     load_tokenizer,
     seeded,
-    train_examples,
     worker_id,
 )
 from llm2clip_scale.data.shards import (
@@ -59,6 +57,7 @@ from llm2clip_scale.data.shards import (
     read_shards,
 )
 from llm2clip_scale.data.sidecar import EmbeddingDecoder, read_paired_shards
+from llm2clip_scale.data.train_stream import STATE_KEY, RankSource, TrainStream
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -75,7 +74,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("llm2clip_scale.data")
-STATE_KEY = "__stream_state__"
 
 
 # ------------------------------------------------------------------------------------------------------- datasets
@@ -93,112 +91,6 @@ def _source_stages(shards: list[tuple[str, str | None]], skips: SkipCounter) -> 
         return [partial(read_shards, skips=skips)]
     sidecars = {image: sidecar for image, sidecar in shards}
     return [partial(_with_sidecars, sidecars=sidecars), partial(read_paired_shards, skips=skips)]
-
-
-def _random_state(state: list | tuple) -> tuple:
-    # The DataLoader's batch conversion turns the stamped tuples into lists; random.setstate wants tuples back.
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
-
-
-class _Cursor:
-    """Where a worker's raw stream stands: shard block, and raw samples of it already taken (bad ones included)."""
-
-    def __init__(self, block: int, offset: int) -> None:
-        self.block, self.offset = block, offset
-
-
-class _TrainStream(IterableDataset):
-    """One rank's infinite stream of training batches; built fresh in each worker so seeds see the worker id.
-
-    Exact resume without replaying the run: the stream is cut into blocks of ``data.shuffle_block_shards`` distinct
-    shards.
-    Block ``k`` of a worker's stream draws its shards and its shuffle order from seeds of (seed, rank, worker, pass,
-    k) alone, and the shuffle buffer drains at the block's end, so a position is just (block, raw samples taken from
-    it). Every batch carries the position after its last sample, the caption/augmentation RNG states and the skip
-    counts at that moment; a resumed worker re-reads at most one block up to the position without decoding images,
-    then restores the RNGs and counts. (webdataset's ResampledShards and shuffle keep their state in the iterator,
-    which cannot be saved or fast-forwarded, hence the hand-written draw.)
-    """
-
-    def __init__(
-        self,
-        shards: list[tuple[str, str | None]],
-        data_cfg: DataConfig,
-        tokenizer_path: str | None,
-        image_size: int,
-        micro_batch: int,
-        rank: int,
-        seed: int,
-        max_text_len: int,
-        embedding_dim: int | None,
-        caption_format: str,
-    ) -> None:
-        super().__init__()
-        self.shards, self.cfg, self.tokenizer_path = shards, data_cfg, tokenizer_path
-        self.image_size, self.micro_batch, self.rank, self.seed = image_size, micro_batch, rank, seed
-        self.max_text_len, self.embedding_dim, self.caption_format = max_text_len, embedding_dim, caption_format
-        self.offline = shards[0][1] is not None
-        self.pass_index = 0  # which iter() of the TrainLoader this is; part of every seed
-        # Set by TrainLoader.load_state_dict before workers start: saved worker states by logical worker id, and
-        # the rotation that makes physical worker 0 continue the logical worker whose batch comes next.
-        self.resume_states: dict[int, dict] = {}
-        self.worker_rotation = 0
-        self.num_logical_workers = 1
-
-    def _raw_samples(self, stream: tuple, cursor: _Cursor, skips: SkipCounter) -> Iterator[dict]:
-        """Samples of blocks ``cursor.block``, ``+1``, …; ``cursor`` advances as each sample is taken."""
-        cfg = self.cfg
-        sidecars = {image: sidecar for image, sidecar in self.shards}
-        urls = list(sidecars)
-        for block in itertools.count(cursor.block):
-            # Distinct shards within a block (drawn with replacement across blocks): a rank holding few shards must
-            # not see one sample several times within one shuffle window.
-            draw = seeded("shards", *stream, block).sample(urls, k=min(cfg.shuffle_block_shards, len(urls)))
-            sources = [{"url": url, "sidecar": sidecars[url]} for url in draw]
-            samples: Iterator[dict] = read_paired_shards(sources, skips)  # plain shards pass through (sidecar None)
-            if cfg.shuffle_buffer > 1:
-                samples = wds.shuffle(cfg.shuffle_buffer, rng=seeded("shuffle", *stream, block))(samples)
-            cursor.block, cursor.offset = block, 0
-            for sample in samples:
-                cursor.offset += 1
-                yield sample
-
-    def __iter__(self) -> Iterator[dict]:
-        worker = (worker_id() + self.worker_rotation) % self.num_logical_workers
-        label = f"train data rank {self.rank} worker {worker}"
-        skips = SkipCounter(label, MAX_CONSECUTIVE_SKIPS)
-        stream = (self.seed, self.rank, worker, self.pass_index)
-        cfg = self.cfg
-        captions_rng = seeded("captions", *stream)
-        augment_rng = seeded("augment", *stream)
-        saved = self.resume_states.get(worker)
-        cursor = _Cursor(saved["block"] if saved else 0, 0)
-        raw = self._raw_samples(stream, cursor, skips)
-        if saved:
-            # Fast-forward: re-read the block up to the saved position (no image decoding), then take the saved
-            # RNG states and counts, which already include everything the skipped samples did.
-            for _ in itertools.islice(raw, saved["offset"]):
-                pass
-            captions_rng.setstate(_random_state(saved["captions_rng"]))
-            augment_rng.setstate(_random_state(saved["augment_rng"]))
-            skips.counts = dict(saved["skips"])
-        transform = ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, augment_rng)
-        embeddings = EmbeddingDecoder(self.embedding_dim, label) if self.offline else None
-        examples = train_examples(raw, dict(cfg.caption_fields), transform, captions_rng, skips, embeddings)
-        collate = Collator(None if self.offline else self.tokenizer_path, self.max_text_len, worker, skips,
-                           self.caption_format)
-
-        def state() -> dict:
-            return {"block": cursor.block, "offset": cursor.offset, "captions_rng": captions_rng.getstate(),
-                    "augment_rng": augment_rng.getstate(), "skips": skips.snapshot()}
-
-        # No look-ahead between batches (unlike the eval stream's ``batched``): the state stamped on a batch must be
-        # the one right after its last sample, or a resumed stream would skip or repeat samples.
-        while True:
-            batch = collate(list(itertools.islice(examples, self.micro_batch)))
-            batch[STATE_KEY] = state()
-            yield batch
 
 
 class _EvalStream(IterableDataset):
@@ -266,7 +158,7 @@ class TrainLoader:
     ``skipped`` (cumulative counts by reason over all workers).
     """
 
-    def __init__(self, dataset: _TrainStream, num_workers: int, label: str) -> None:
+    def __init__(self, dataset: TrainStream, num_workers: int, label: str) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
         self.label = label
@@ -397,7 +289,9 @@ def build_train_loader(
     ``rank``/``world_size`` are the data-parallel coordinates chosen by the caller (never read from the environment).
     Shards of ``data_cfg.train_shards`` are split across ranks, then resampled with replacement per DataLoader
     worker with seeds from (seed, rank, worker); samples pass a ``shuffle_buffer``, one caption per sample is drawn
-    from ``caption_fields`` weights renormalised over the fields present.
+    from ``caption_fields`` weights renormalised over the fields present. With ``data_cfg.train_datasets``, each
+    dataset is split and resampled so, and each sample comes from dataset i with probability weight_i / Σ weights
+    (``batch["datasets"]`` names it).
 
     Offline mode (``data_cfg.train_embedding_shards`` set): sidecar i travels with image shard i (through the rank
     split and resampling) and batches carry ``llm_embeddings`` float32 (b, d) of the drawn field instead of
@@ -406,13 +300,21 @@ def build_train_loader(
     tokenised in ``caption_format`` (``model.llm.caption_format``, data/prompts.py).
     """
     _check_common(rank, world_size, micro_batch, max_text_len, image_size)
-    if not data_cfg.caption_fields or not any(w > 0 for w in data_cfg.caption_fields.values()):
-        raise ValueError("data.caption_fields: give at least one field with a positive weight")
-    shards = _shards_for(
-        data_cfg.train_shards, data_cfg.train_embedding_shards, "data.train_shards", tokenizer_path, embedding_dim
-    )
-    dataset = _TrainStream(
-        rank_shards(shards, rank, world_size),
+    sources = []
+    for i, source in enumerate(train_sources(data_cfg)):
+        what = "data.train_shards" if not data_cfg.train_datasets else f"data.train_datasets[{i}].shards"
+        if not source.caption_fields or not any(w > 0 for w in source.caption_fields.values()):
+            raise ValueError(f"{what}: caption_fields: give at least one field with a positive weight")
+        if not source.weight > 0:
+            raise ValueError(f"{what}: weight {source.weight} must be > 0")
+        shards = _shards_for(source.shards, source.embedding_shards, what, tokenizer_path, embedding_dim)
+        sources.append(RankSource(source.name, rank_shards(shards, rank, world_size, f"train data {source.name}"),
+                                  source.caption_fields, source.weight))
+    if len({source.shards[0][1] is None for source in sources}) > 1:
+        raise ValueError("data.train_datasets: mix of online and offline datasets; give every dataset "
+                         "embedding_shards or none")
+    dataset = TrainStream(
+        sources,
         data_cfg,
         tokenizer_path,
         image_size,

@@ -36,6 +36,7 @@ class Example:
     field: str
     index: int = -1  # global eval index; -1 in training
     embedding: torch.Tensor | None = None  # offline mode: the sidecar vector of ``field``
+    dataset: str = ""  # which dataset of a training mix it came from
 
 
 def _caption_options(sample: dict, weights: dict[str, float], skips: SkipCounter) -> list[tuple[str, str, float]]:
@@ -113,6 +114,7 @@ def train_examples(
     rng: random.Random,
     skips: SkipCounter,
     embeddings: EmbeddingDecoder | None = None,
+    dataset: str = "",
 ) -> Iterator[Example]:
     for sample in samples:
         # Captions first: they are cheap to check and save decoding images we would drop anyway.
@@ -130,7 +132,8 @@ def train_examples(
             if embedding is None:
                 continue
         skips.good()
-        yield Example(key=sample["__key__"], image=transform(image), caption=caption, field=name, embedding=embedding)
+        yield Example(key=sample["__key__"], image=transform(image), caption=caption, field=name, embedding=embedding,
+                      dataset=dataset)
 
 
 def eval_examples(
@@ -208,6 +211,7 @@ class Collator:
             "keys": [e.key for e in examples],
             "captions": captions,
             "caption_fields": [e.field for e in examples],
+            "datasets": [e.dataset for e in examples],
             WORKER_KEY: self._worker,
             SKIPPED_KEY: self._skips.snapshot(),  # taken now: counts every skip before this batch left the worker
         }

@@ -20,7 +20,7 @@ import json
 import logging
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import webdataset as wds
@@ -183,11 +183,18 @@ def shard_list(pattern: str | None, what: str) -> list[str]:
 
 
 def paired_shard_list(images: str | None, sidecars: str | None, what: str) -> list[tuple[str, str | None]]:
-    """(image shard, sidecar shard or None) pairs; sidecar i belongs to image shard i, so the counts must agree."""
+    """(image shard, sidecar shard or None) pairs; sidecar i belongs to image shard i, so the counts must agree.
+
+    ``sidecars`` may be a folder: then each image shard's sidecar is the file of the same name in it.
+    """
     image_urls = shard_list(images, what)
     if sidecars is None:
         return [(url, None) for url in image_urls]
     sidecar_what = what.replace("_shards", "_embedding_shards")
+    if Path(sidecars).is_dir():
+        # A folder of sidecars named after their image shards (embed_captions.py writes them so): no pattern to
+        # keep in step with 100k image shards listed by a dataset index.
+        return [(url, str(Path(sidecars) / PurePosixPath(url).name)) for url in image_urls]
     sidecar_urls = shard_list(sidecars, sidecar_what)
     if len(sidecar_urls) != len(image_urls):
         raise ValueError(

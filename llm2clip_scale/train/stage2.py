@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state
 
 from llm2clip_scale.checkpoint.manager import TaskState
-from llm2clip_scale.config.schema import Config
+from llm2clip_scale.config.schema import Config, trains_offline
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
 from llm2clip_scale.distributed.collectives import gather_in_sample_order
 from llm2clip_scale.distributed.topology import Topology
@@ -49,7 +49,7 @@ def _check_tokenizer_fits(cfg: Config) -> None:
 def needs_llm(cfg: Config) -> bool:
     """Online mode embeds captions with the frozen LLM; offline mode reads sidecar embeddings and builds none."""
     eval_online = bool(cfg.data.eval_shards) and cfg.data.eval_embedding_shards is None
-    return cfg.data.train_embedding_shards is None or eval_online
+    return not trains_offline(cfg.data) or eval_online
 
 
 def caption_embeddings(batch: dict, text_tower: torch.nn.Module | None, tp_group, device: torch.device) -> torch.Tensor:
