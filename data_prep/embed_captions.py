@@ -6,10 +6,14 @@ The tower is built from ``model.llm`` of CONFIG (``parallel.tensor_parallel`` ra
 ``train.precision``, with a stage-1 LoRA merged when ``model.llm.lora_init`` names one, and captions tokenised in
 ``model.llm.caption_format``, so offline vectors are those online stage 2 would compute. Whole image shards go to the
 LLM-data-parallel groups (shard i to group i % (N / TP)); TP rank 0 of a group reads the captions, all ranks of the
-group embed them, and TP rank 0 writes ``DIR/<image shard name>`` atomically. Sidecars already complete with the
-same settings are skipped, so an interrupted job is simply rerun. Point ``data.train_embedding_shards`` (or
-``data.eval_embedding_shards``) at ``DIR`` with the image shards' brace pattern to train offline. Format:
-:mod:`llm2clip_scale.data.sidecar`. Exit status 1 when some image shard could not be read.
+group embed them, and TP rank 0 writes ``DIR/<image shard name>`` atomically. Within a shard, captions are sorted
+by token count (``--sort-window`` at a time) so each batch pads only to near-equal lengths; vectors are stored in the
+shard's order, as ``--dtype`` (bfloat16 by default; float16, float32). Sidecars already complete with the same
+settings are skipped and a killed job leaves no partial sidecar, so an interrupted job is simply rerun: it redoes
+only the shards without a sidecar. ``--shards`` takes a brace/glob pattern or a dataset index (``.../index.json``).
+Point ``data.train_embedding_shards`` (or ``data.eval_embedding_shards``) at ``DIR`` with the image shards' brace
+pattern to train offline. Format: :mod:`llm2clip_scale.data.sidecar`. Exit status 1 when some image shard could
+not be read.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ import torch.distributed as dist
 
 from llm2clip_scale.config.load import expand_shards, load_config
 from llm2clip_scale.config.schema import Config
-from llm2clip_scale.data.sidecar import SidecarReport, write_sidecars
+from llm2clip_scale.data.sidecar import (
+    DEFAULT_EMBEDDING_DTYPE,
+    DEFAULT_SORT_WINDOW,
+    EMBEDDING_DTYPES,
+    SidecarReport,
+    write_sidecars,
+)
 
 logger = logging.getLogger("llm2clip_scale.data_prep.embed_captions")
 
@@ -64,7 +74,8 @@ def embed_captions(
     out_dir: str | Path,
     fields: Sequence[str] | None = None,
     batch_size: int = 64,
-    dtype: str = "float16",
+    dtype: str = DEFAULT_EMBEDDING_DTYPE,
+    sort_window: int = DEFAULT_SORT_WINDOW,
 ) -> SidecarReport:
     """Collective over the initialised world: set up TP groups, build the frozen tower, write this group's sidecars.
 
@@ -98,6 +109,7 @@ def embed_captions(
         device=topo.device,
         source=model_source(cfg),
         caption_format=cfg.model.llm.caption_format,
+        sort_window=sort_window,
     )
 
 
@@ -115,11 +127,16 @@ def shard_slice(urls: Sequence[str], part: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config (model.llm, parallel.tensor_parallel, data.max_text_len, ...)")
-    parser.add_argument("--shards", required=True, help="image shard pattern, e.g. data/train-{000000..000099}.tar")
+    parser.add_argument("--shards", required=True, help="image shard pattern, e.g. data/train-{000000..000099}.tar, "
+                        "or a dataset index (.../index.json)")
     parser.add_argument("--out", required=True, help="directory for the sidecar shards")
     parser.add_argument("--fields", default="", help="comma-separated caption fields (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=64, help="captions per tower forward")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored vector dtype")
+    parser.add_argument("--dtype", choices=EMBEDDING_DTYPES, default=DEFAULT_EMBEDDING_DTYPE,
+                        help="stored vector dtype (default %(default)s: float32's range at half the size)")
+    parser.add_argument("--sort-window", type=int, default=DEFAULT_SORT_WINDOW,
+                        help="captions of a shard sorted by token count together before batching (default "
+                        "%(default)s; 0 = file order)")
     parser.add_argument("--part", default="0/1", help="I/N: embed only the I-th of N contiguous slices of the shards "
                         "(one Slurm array task each: --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tensor_parallel=2")
@@ -133,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.batch_size < 1 or args.sort_window < 0:
+        print("embed_captions: --batch-size must be >= 1 and --sort-window >= 0", file=sys.stderr)
+        return 2
     cfg = load_config(args.config, args.overrides)
     urls = expand_shards(args.shards)
     if not urls:
@@ -147,20 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(cfg.parallel.backend, cfg.parallel.collective_timeout_minutes)
     started = time.perf_counter()
     try:
-        report = embed_captions(cfg, urls, args.out, fields, args.batch_size, args.dtype)
+        report = embed_captions(cfg, urls, args.out, fields, batch_size=args.batch_size, dtype=args.dtype,
+                                sort_window=args.sort_window)
         # Every group's outcome, summed: one line from rank 0, and a non-zero exit on every rank if anything failed.
         totals = torch.tensor(
-            [len(report.written), len(report.reused), len(report.failed), report.samples, report.captions]
-            if report.writer else [0, 0, 0, 0, 0],
+            [len(report.written), len(report.reused), len(report.failed), report.samples, report.captions,
+             report.stats.tokens, report.stats.padding]
+            if report.writer else [0] * 7,
             dtype=torch.long, device=collective_device(),
         )
         dist.all_reduce(totals)
-        written, reused, failed, samples, captions = totals.tolist()
+        written, reused, failed, samples, captions, tokens, padding = totals.tolist()
         if dist.get_rank() == 0:
+            elapsed = time.perf_counter() - started
             logger.info(
                 "embed captions: %d sidecars written, %d already complete, %d image shards unreadable; %d samples, "
-                "%d captions in %.1f s -> %s", written, reused, failed, samples, captions,
-                time.perf_counter() - started, args.out,
+                "%d captions, %d tokens (+%.0f%% padding) in %.1f s (%.0f tokens/s) -> %s", written, reused, failed,
+                samples, captions, tokens, 100.0 * padding / max(tokens, 1), elapsed, tokens / max(elapsed, 1e-9),
+                args.out,
             )
     finally:
         shutdown()

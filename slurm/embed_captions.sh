@@ -2,8 +2,11 @@
 # Offline caption embedding for stage 2 (data.train_embedding_shards) as a job array: task I of N embeds the I-th
 # slice of the image shards with the frozen (TP-sharded) LLM, one node x 8 GPUs each.
 #   SHARDS='/datasets/llm2clip-10x/train-{000000..099999}.tar' OUT=/datasets/llm2clip-10x/emb \
-#     sbatch --array=0-99 slurm/embed_captions.sh [dotted.overrides ...]
-# A sidecar already complete with the same model is skipped, so a killed or requeued task simply resumes.
+#     sbatch --array=0-99 slurm/embed_captions.sh [dotted.overrides ...] [--dtype float32 --batch-size 128 ...]
+# SHARDS is a brace/glob pattern or a dataset index: SHARDS=/datasets/llm2clip-10x/index.json (the slices follow
+# the index's shard order). Vectors are stored as bfloat16 unless --dtype says float16 or float32; captions are
+# batched by token length (--sort-window). A sidecar already complete with the same model and dtype is skipped and a
+# killed task leaves no partial one, so a killed or requeued task simply redoes the shards that have no sidecar.
 # On the one-node CPU Slurm: CONFIG=configs/tiny_cpu.yaml SHARDS=... OUT=... sbatch --array=0-1 --nodes=1 \
 #   --cpus-per-task=2 --gpus-per-node=2 slurm/embed_captions.sh
 #SBATCH --job-name=l2c-embed-captions

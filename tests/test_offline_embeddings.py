@@ -1,7 +1,9 @@
 """Offline caption embeddings: the TP embedding job writes sidecars, the loaders read them back by key.
 
-One 2-rank spawn (megatron import costs seconds) does all tower work: TP=2 embedding, a restart, TP=1 x DP=2
-embedding, a TP=1 reference forward and the CLI; the tests assert on its results. Sidecar corruption needs no model.
+One 2-rank spawn (megatron import costs seconds) does the in-process tower work: TP=2 embedding, a restart, TP=1 x
+DP=2 embedding, a TP=1 reference forward, length-bucketed vs file-order batching, and the CLI (bfloat16 by default);
+the tests assert on its results. The kill test adds one CLI process that SIGKILLs itself mid-write and one 1-rank
+spawn for the rerun and an uninterrupted run. Sidecar dtypes and corruption need no model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import io
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -21,11 +26,23 @@ import torch
 import webdataset as wds
 from omegaconf import OmegaConf
 
+from llm2clip_scale.config.load import expand_shards
 from llm2clip_scale.config.schema import Config, DataConfig, LLMConfig, ModelConfig, ParallelConfig, TrainConfig
+from llm2clip_scale.data.index import DatasetIndex, ShardEntry, write_index
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader, load_tokenizer
-from llm2clip_scale.data.sidecar import HEADER_MEMBER, make_header, write_sidecar
+from llm2clip_scale.data.shards import SkipCounter
+from llm2clip_scale.data.sidecar import (
+    EMBEDDINGS_KEY,
+    HEADER_MEMBER,
+    KILL_HOOK_ENV,
+    EmbeddingDecoder,
+    encode_embeddings,
+    make_header,
+    read_header,
+    write_sidecar,
+)
 from llm2clip_scale.data.synthetic import SyntheticParams, build_synthetic_dataset
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import _free_port, run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -92,6 +109,12 @@ def _spawned(synth: str, out: str, captions: list[str]) -> dict:
     encoded = tokenizer(captions, padding="longest", truncation=True, max_length=96, return_tensors="pt")
     with torch.no_grad():  # one padded batch of everything: the plain single-tower answer
         result["reference"] = tower(encoded["input_ids"], encoded["attention_mask"]).numpy()
+    # Length bucketing: the captions in file order (raw, short, long of each sample: mixed lengths), batches of 8.
+    from llm2clip_scale.data.sidecar import EmbedStats, embed_caption_texts
+
+    for name, window in (("file_order", 0), ("sorted", 4096), ("sorted_window16", 16)):
+        stats = EmbedStats()
+        result[name] = embed_caption_texts(tower, tokenizer, captions, 96, 8, sort_window=window, stats=stats), stats
 
     # The CLI (float16 default) with a YAML config and an override; it shuts the process group down itself.
     parallel_state.destroy_model_parallel()
@@ -135,8 +158,16 @@ def embedded(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": out, "ranks": ranks, "reference": reference, "items": items}
 
 
+def _decode(array: np.ndarray) -> np.ndarray:
+    """A stored vector as float32, written here independently of the code under test: uint16 = bfloat16 bits."""
+    if array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
+
+
 def _vectors(path: Path) -> dict[tuple[str, str], np.ndarray]:
-    return {(k, f): v for k, f, v in _read_sidecar(path)[1]}
+    """(key, field) -> the float32 vector a sidecar holds (decoded from its stored dtype)."""
+    return {(k, f): _decode(v) for k, f, v in _read_sidecar(path)[1]}
 
 
 # ------------------------------------------------------------------------------------------------- embedding job
@@ -184,15 +215,36 @@ def test_restart_redoes_only_unfinished_shards(embedded: dict) -> None:
     assert embedded["ranks"][1]["restart"].reused == restart.reused
 
 
-def test_cli_writes_float16_sidecars(embedded: dict) -> None:
+def test_cli_writes_bfloat16_sidecars_by_default(embedded: dict) -> None:
     out, reference = embedded["out"], embedded["reference"]
     assert [r["cli_rc"] for r in embedded["ranks"]] == [0, 0]
     assert sorted(p.name for p in (out / "cli").iterdir()) == TRAIN
     for shard in TRAIN:
         header, rows = _read_sidecar(out / "cli" / shard)
-        assert header["dtype"] == "float16" and header["source"]["seed"] == 7
+        assert header["dtype"] == "bfloat16" and header["source"]["seed"] == 7
         for key, field, vector in rows:
-            assert vector.dtype == np.float16 and _rel_err(vector, reference[key, field]) < 2e-3
+            # bfloat16 keeps 8 significant bits: each element within 2^-8 relative, the norm of the error too.
+            assert vector.dtype == np.uint16 and _rel_err(_decode(vector), reference[key, field]) < 2**-8
+
+
+def test_length_bucketing_pads_less_and_changes_no_vector(embedded: dict) -> None:
+    """Sorting captions by token count before batching: fewer padded positions, the same vectors in the same order.
+
+    fp32 throughout; padding is masked out of attention and pooling, so a caption's vector does not depend on its
+    batch mates — only the GEMM shapes differ (other blocking, other summation order), a few float32 ulps: asserted
+    to 1e-5 relative, as the TP comparisons above.
+    """
+    rank0, reference, items = embedded["ranks"][0], embedded["reference"], embedded["items"]
+    (plain, plain_stats), (bucketed, stats) = rank0["file_order"], rank0["sorted"]
+    windowed, window_stats = rank0["sorted_window16"]
+    expected = np.stack([reference[k, f] for k, f, _ in items])
+    for vectors in (plain, bucketed, windowed):
+        assert vectors.shape == (len(items), HIDDEN) and _rel_err(vectors, expected) <= 1e-5
+    assert _rel_err(bucketed, plain) <= 1e-5 and _rel_err(windowed, plain) <= 1e-5
+    assert plain_stats.tokens == stats.tokens == window_stats.tokens > 0  # the same real tokens embedded
+    assert plain_stats.captions == stats.captions == len(items) and plain_stats.batches == stats.batches
+    # Mixed lengths (raw alt-text beside long dense captions, interleaved in file order): sorting cuts padding.
+    assert stats.padding < window_stats.padding < plain_stats.padding, (stats, window_stats, plain_stats)
 
 
 # -------------------------------------------------------------------------------------------------- offline loaders
@@ -211,9 +263,12 @@ def _data_cfg(synth: Path, sidecars: Path, **overrides: object) -> DataConfig:
     return replace(base, **overrides)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_offline_train_loader_yields_the_drawn_fields_vectors(embedded: dict, synth: Path, workers: int) -> None:
-    sidecars = embedded["out"] / "tp2"
+@pytest.mark.parametrize(("stored", "workers"), [("tp2", 0), ("tp2", 2), ("cli", 0)])
+def test_offline_train_loader_yields_the_drawn_fields_vectors(
+    embedded: dict, synth: Path, stored: str, workers: int
+) -> None:
+    """float32 sidecars (tp2) and bfloat16 ones (cli, the default): the batches hold the stored vectors exactly."""
+    sidecars = embedded["out"] / stored
     vectors = {k: v for s in TRAIN for k, v in _vectors(sidecars / s).items()}
     cfg = _data_cfg(synth, sidecars, num_workers=workers)
     offline = build_train_loader(cfg, None, SIZE, 8, 0, 2, 0, 96, embedding_dim=HIDDEN)
@@ -327,3 +382,136 @@ def test_sidecar_write_is_atomic(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         write_sidecar(tmp_path / "x.tar", make_header("x.tar", ["short"], 4, "float32", 8, None), records())
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------- stored dtypes
+
+
+def _known_vectors() -> np.ndarray:
+    """float32 rows that exercise rounding: random values, exact ties, just-above-tie values, extremes."""
+    gen = np.random.default_rng(3)
+    tie = np.float32(1 + 2**-8)  # halfway between two bfloat16 values: rounds to even (1.0), truncation agrees
+    above = np.float32(1 + 2**-8 + 2**-20)  # just above a tie: rounds up; truncating the low 16 bits would not
+    special = np.array([tie, above, -above, 1 / 3, 0.0, -0.0, 3e-30, 6e4, -1e-3, 255.5, 2**-14, 1.0], np.float32)
+    return np.stack([gen.standard_normal(12).astype(np.float32), special, 100 * gen.standard_normal(12)
+                     .astype(np.float32)])
+
+
+def _decode_member(payload: bytes, dim: int) -> torch.Tensor | None:
+    skips = SkipCounter("dtype test")
+    decoded = EmbeddingDecoder(dim, "dtype test")({"__key__": "k", EMBEDDINGS_KEY: {"f": payload}}, "f", skips)
+    assert not skips.counts, skips.counts
+    return decoded
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_each_stored_dtype_round_trips_to_float32(dtype: str, tmp_path: Path) -> None:
+    """write_sidecar + the loaders' decoder: float32 back, equal to torch's own rounding of the vector, exactly."""
+    vectors = _known_vectors()
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    expected = torch.from_numpy(vectors).to(torch_dtype).float()
+    stored = encode_embeddings(vectors, dtype)
+    assert stored.dtype == {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}[dtype]
+    keys = [f"s{i}" for i in range(len(vectors))]
+    path = tmp_path / "x.tar"
+    write_sidecar(path, make_header("x.tar", ["f"], 12, dtype, 8, None), [(k, {"f": v}) for k, v in zip(keys, stored)])
+    header = read_header(path)
+    assert header["dtype"] == dtype and header["format"] == 1
+    with tarfile.open(path) as tar:
+        payloads = {m.name: tar.extractfile(m).read() for m in tar.getmembers()[1:]}
+    for row, key in enumerate(keys):
+        decoded = _decode_member(payloads[f"{key}.f.npy"], 12)
+        assert decoded.dtype == torch.float32 and torch.equal(decoded, expected[row]), (dtype, row)
+        assert np.array_equal(_decode(np.load(io.BytesIO(payloads[f"{key}.f.npy"]))), expected[row].numpy())
+    if dtype == "bfloat16":  # round to nearest even, as torch does; not truncation of the low bits
+        assert expected[1, 0] == 1 and expected[1, 1] == 1 + 2**-7 and expected[1, 2] == -(1 + 2**-7)
+
+
+def test_a_float16_sidecar_of_the_first_format_still_reads(synth: Path, tmp_path: Path) -> None:
+    """Bytes as the writer before bfloat16 made them (format 1, float16 npy members), built here by hand: the loader
+    decodes them, and a rerun with --dtype float16 finds its header current (no re-embedding)."""
+    keys = [f"eval-{i:07d}" for i in range(6)]
+    gen = np.random.default_rng(5)
+    vectors = {k: gen.standard_normal(8).astype(np.float16) for k in keys}
+    header = {"format": 1, "image_shard": "eval-000000.tar", "fields": ["long"], "embedding_dim": 8,
+              "dtype": "float16", "max_text_len": 96, "source": {"seed": 7}}
+    path = tmp_path / "eval-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in [(HEADER_MEMBER, json.dumps(header, sort_keys=True).encode()),
+                              *((f"{k}.long.npy", _npy(vectors[k])) for k in keys)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert read_header(path) == make_header("eval-000000.tar", ["long"], 8, "float16", 96, {"seed": 7})
+    loader = build_eval_loader(_data_cfg(synth, tmp_path), None, SIZE, 4, 0, 1, None, 96, "long", 8)
+    rows = {k: row for b in loader for k, row in zip(b["keys"], b["llm_embeddings"])}
+    assert list(rows) == keys and loader.last_skipped == {}
+    for key, row in rows.items():
+        assert row.dtype == torch.float32 and torch.equal(row, torch.from_numpy(vectors[key].astype(np.float32)))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- kill and rerun
+
+KILLED_AFTER = 2  # the killed run dies while writing its third sidecar
+
+
+def _rerun_and_reference(config: str, index: str, killed: str, fresh: str) -> dict:
+    """One process: the CLI rerun over the killed run's directory, then an uninterrupted CLI run into a fresh one."""
+    spec = importlib.util.spec_from_file_location("embed_captions", REPO / "data_prep" / "embed_captions.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("llm2clip_scale.data").addHandler(handler)
+    args = ["--batch-size", "4"]
+    result = {"rerun": cli.main([config, "--shards", index, "--out", killed, *args]), "rerun_log": list(messages)}
+    os.environ["MASTER_PORT"] = str(_free_port())  # main shut its process group down; the next one starts anew
+    result["fresh"] = cli.main([config, "--shards", index, "--out", fresh, *args])
+    return result
+
+
+def test_a_killed_run_leaves_no_partial_sidecar_and_the_rerun_finishes_it(synth: Path, tmp_path: Path) -> None:
+    """A real SIGKILL of the CLI mid-run, placed by a test hook (LLM2CLIP_SCALE_TEST_SIGKILL_AFTER_SIDECARS: the
+    process kills itself while writing its third sidecar, after that file's header and first record are on disk),
+    so the kill lands mid-write every time instead of racing a fast run. Shards come from a dataset index."""
+    config, index = tmp_path / "tiny.yaml", tmp_path / "data" / "index.json"
+    OmegaConf.save(OmegaConf.structured(_config(synth, tp=1)), config)
+    index.parent.mkdir()
+    write_index(index, DatasetIndex([ShardEntry(str(synth / s), 6, (synth / s).stat().st_size) for s in TRAIN]))
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    env = {**os.environ, KILL_HOOK_ENV: str(KILLED_AFTER), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "data_prep" / "embed_captions.py"), str(config), "--shards",
+                           str(index), "--out", str(killed), "--batch-size", "4"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+
+    # What the kill left: the finished sidecars under their names, the one being written only as a hidden temporary
+    # file — whose header is already there, so only the name says "complete", and nothing reads that name.
+    done = TRAIN[:KILLED_AFTER]
+    assert sorted(p.name for p in killed.glob("*.tar")) == done
+    temps = [p for p in killed.iterdir() if p.name not in done]
+    assert [p.name.split(".tmp-")[0] for p in temps] == [f".{TRAIN[KILLED_AFTER]}"]
+    assert read_header(temps[0])["image_shard"] == TRAIN[KILLED_AFTER]
+    assert temps[0].stat().st_size < (killed / done[0]).stat().st_size  # partial
+    assert expand_shards(str(killed / "*.tar")) == [str(killed / s) for s in done]
+    before = {s: ((killed / s).stat().st_ino, (killed / s).stat().st_mtime_ns) for s in done}
+
+    result = run_on_ranks(_rerun_and_reference, 1, str(config), str(index), str(killed), str(fresh), timeout=300)[0]
+    assert result["rerun"] == 0 and result["fresh"] == 0
+    assert any("temporary file(s) of killed runs" in m for m in result["rerun_log"]), result["rerun_log"]
+    written = [m for m in result["rerun_log"] if "] " in m and " samples, " in m]  # one line per sidecar written
+    assert [m.split("] ")[1].split(":")[0] for m in written] == [str(killed / s) for s in TRAIN[KILLED_AFTER:]]
+    # The finished sidecars were left alone (same file, not rewritten) ...
+    assert {s: ((killed / s).stat().st_ino, (killed / s).stat().st_mtime_ns) for s in done} == before
+    # ... and the resumed directory holds exactly what an uninterrupted run writes, byte for byte.
+    assert sorted(p.name for p in killed.glob("*.tar")) == sorted(p.name for p in fresh.iterdir()) == TRAIN
+    for shard in TRAIN:
+        assert (killed / shard).read_bytes() == (fresh / shard).read_bytes(), shard

@@ -5,17 +5,37 @@ Format
 For every image shard ``X.tar`` there is one sidecar tar, by convention ``<embeddings dir>/X.tar``:
 
 - first member ``__sidecar__`` (no dot, so every webdataset-style reader ignores it): a json header
-  ``{"format": 1, "image_shard": "X.tar", "fields": [...], "embedding_dim": d, "dtype": "float16",
+  ``{"format": 1, "image_shard": "X.tar", "fields": [...], "embedding_dim": d, "dtype": "bfloat16",
   "max_text_len": L, "source": {...}}``. It lets a restarted embedding job tell a finished sidecar made with the
   same settings from one it must redo.
 - then, for each sample key of ``X.tar`` in the same order, one member ``<key>.<field>.npy`` per caption field
-  the sample's json holds (non-blank) among ``fields``: a 1-D numpy array of ``embedding_dim`` float16 or float32
-  values (``numpy.save``, no pickle), the mean-pooled tower output for the stripped caption text
+  the sample's json holds (non-blank) among ``fields``: a 1-D numpy array of ``embedding_dim`` values
+  (``numpy.save``, no pickle), the mean-pooled tower output for the stripped caption text
   (:func:`llm2clip_scale.data.shards.caption_of`) tokenised with right padding and ``max_text_len`` truncation.
   A sample without any such field has no members. Keys follow webdataset's rule (member name up to the first dot of
   its base name), so keys hold no dots; field names may.
 
-Sidecars are written whole under a temporary name and renamed, so a sidecar that exists is complete.
+The header's ``dtype`` names how the vectors are stored, and each member's npy dtype says the same on its own:
+
+================  =============  ============================================================================
+header ``dtype``  npy dtype      values
+================  =============  ============================================================================
+``bfloat16``      ``uint16``     the bfloat16 bit pattern (numpy has no bfloat16): the upper 16 bits of the
+                                 float32, rounded to nearest-even as ``torch.Tensor.to(torch.bfloat16)`` does;
+                                 decoded exactly by ``(u16.astype(uint32) << 16).view(float32)``. The default.
+``float16``       ``float16``    IEEE half (sidecars written before bfloat16 existed are all of this kind)
+``float32``       ``float32``    the tower's float32 output as computed
+================  =============  ============================================================================
+
+bfloat16 keeps float32's exponent range (float16 overflows past 65504) at float16's size, with 8 significant bits
+(relative rounding error at most 2^-8, float16's 2^-11). The format number stays 1: float16 and float32 sidecars are
+byte-for-byte what they were, and a reader that predates bfloat16 counts a ``uint16`` member as ``bad_embedding``
+rather than misreading it. :func:`decode_embedding` (and :class:`EmbeddingDecoder`, which the loaders and the shard
+validator use) turns every stored dtype into float32.
+
+Sidecars are written whole under a temporary name (``.X.tar.tmp-<pid>``, flushed to disk) and renamed, so a
+sidecar that exists under its own name is complete; a killed job leaves at most such a hidden temporary file, which
+no reader or restart ever opens.
 
 Reading
 -------
@@ -26,14 +46,15 @@ cannot be matched is skipped and counted, never misaligned:
 - ``missing_embedding``: no sidecar record for the key (key mismatch), or no member for the drawn caption field.
 - ``wrong_embedding_dim``: a vector of another size than expected; the first one per process is also logged with the
   shard and both sizes.
-- ``bad_embedding``: a member that is not a finite 1-D float16/float32 npy array.
+- ``bad_embedding``: a member that is not a finite 1-D npy array of a stored dtype above.
 - ``sidecar_read_error``: a sidecar shard that cannot be opened or read to its end (one count per shard; its image
   samples after the damage then count as ``missing_embedding``).
 
 Writing
 -------
 :func:`write_sidecars` embeds the captions of whole image shards with a (tensor-parallel) text tower; the CLI is
-``data_prep/embed_captions.py``.
+``data_prep/embed_captions.py``. :func:`embed_caption_texts` is its embedding step: captions tokenised a window at
+a time, sorted by token count so each batch pads only to similar lengths, vectors returned in the original order.
 """
 
 from __future__ import annotations
@@ -65,7 +86,15 @@ SIDECAR_FORMAT = 1
 HEADER_MEMBER = "__sidecar__"
 EMBEDDINGS_KEY = "__embeddings__"  # sample entry the paired reader adds: {field: npy bytes}
 SIDECAR_URL_KEY = "__sidecar_url__"
-EMBEDDING_DTYPES: tuple[str, ...] = ("float16", "float32")
+EMBEDDING_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")  # header "dtype" values; first: default
+DEFAULT_EMBEDDING_DTYPE = EMBEDDING_DTYPES[0]
+# How each header dtype is held in the npy members (numpy has no bfloat16: its bit pattern as uint16).
+STORAGE_DTYPES: dict[str, np.dtype] = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16),
+                                       "float32": np.dtype(np.float32)}
+STORED_NAMES = frozenset(dtype.name for dtype in STORAGE_DTYPES.values())
+# Captions tokenised and length-sorted together by embed_caption_texts (rounded up to whole batches): bounds the
+# padded id tensors (window x max_text_len) while leaving each batch among near-equal lengths.
+DEFAULT_SORT_WINDOW = 4096
 # Records the paired reader may hold while looking for a key. Sidecars are written in image order, so any look-ahead
 # finds every record of a well-formed pair; the bound only caps memory when a sidecar belongs to another shard.
 DEFAULT_LOOKAHEAD = 256
@@ -121,8 +150,36 @@ def _members(record: dict) -> dict[str, bytes]:
     return {ext[: -len(".npy")]: payload for ext, payload in record.items() if ext.endswith(".npy")}
 
 
+def encode_embeddings(vectors: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
+    """Float vectors (any shape) as stored in a sidecar of header ``dtype`` (see the module docstring's table).
+
+    bfloat16 rounds with torch's own conversion (round to nearest even) and keeps the bit pattern as uint16.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"sidecar dtype {dtype!r}: use one of {EMBEDDING_DTYPES}")
+    if dtype == "bfloat16":
+        tensor = torch.as_tensor(vectors).detach().cpu().to(torch.bfloat16).contiguous()
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    array = vectors.detach().cpu().numpy() if isinstance(vectors, torch.Tensor) else np.asarray(vectors)
+    return array.astype(STORAGE_DTYPES[dtype])
+
+
+def decode_embedding(array: np.ndarray) -> np.ndarray:
+    """A stored vector as float32, whatever dtype it was stored in (uint16 = bfloat16 bits; exact for all three).
+
+    Raises ValueError for an array of any other dtype.
+    """
+    if array.dtype.name == "uint16":  # by name: any byte order (astype reads it right)
+        return (array.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if array.dtype.name in ("float16", "float32"):
+        return array.astype(np.float32)
+    raise ValueError(f"{array.dtype.name} is not a sidecar vector dtype (uint16 = bfloat16, float16, float32)")
+
+
 class EmbeddingDecoder:
     """One process's check of sidecar vectors: npy → float32 tensor of ``expected_dim``, or a counted skip.
+
+    Every stored dtype (bfloat16 bits, float16, float32; :func:`decode_embedding`) decodes to float32 exactly.
 
     With ``expected_dim=None`` the first good vector fixes the size for this process (pass the adapter's input size
     instead: workers would otherwise each trust their own first vector).
@@ -144,7 +201,7 @@ class EmbeddingDecoder:
         except Exception as err:  # noqa: BLE001 - np.load raises ValueError, OSError, EOFError on corrupt bytes
             skips.add("bad_embedding", f"{key} ({field})", err)
             return None
-        if array.ndim != 1 or array.dtype.name not in EMBEDDING_DTYPES:
+        if array.ndim != 1 or array.dtype.name not in STORED_NAMES:
             skips.add("bad_embedding", f"{key} ({field})", f"{array.dtype.name} array of shape {array.shape}")
             return None
         if self.expected_dim is None:
@@ -159,7 +216,7 @@ class EmbeddingDecoder:
                 )
             skips.add("wrong_embedding_dim", f"{key} ({field})", f"{array.shape[0]} != {self.expected_dim}")
             return None
-        vector = torch.from_numpy(array.astype(np.float32))
+        vector = torch.from_numpy(decode_embedding(array))
         if not torch.isfinite(vector).all():
             skips.add("bad_embedding", f"{key} ({field})", "non-finite values")
             return None
@@ -200,30 +257,60 @@ def read_header(path: str | os.PathLike) -> dict | None:
         return None
 
 
+# A test hook, read when a sidecar is written: "K" makes this process SIGKILL itself while writing its (K+1)-th
+# sidecar, after the header and first record are on disk — a kill at the worst moment, placed deterministically
+# (tests/test_offline_embeddings.py). Unset in any real run.
+KILL_HOOK_ENV = "LLM2CLIP_SCALE_TEST_SIGKILL_AFTER_SIDECARS"
+_sidecars_written = 0  # by this process, for the hook
+
+
+def _maybe_kill_mid_write(fh: io.BufferedWriter) -> None:
+    after = os.environ.get(KILL_HOOK_ENV)
+    if after is not None and int(after) == _sidecars_written:
+        import signal
+
+        fh.flush()  # the partial temporary file is on disk, as a kill mid-write would leave it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The name prefix of ``path``'s temporary files while it is written (hidden; never matched as a shard)."""
+    return f".{Path(path).name}.tmp-"
+
+
 def write_sidecar(
     path: str | os.PathLike, header: dict, records: Iterable[tuple[str, dict[str, np.ndarray]]]
 ) -> None:
-    """Write a sidecar atomically: a temporary name in the same directory, renamed once complete.
+    """Write a sidecar atomically: a temporary name in the same directory, flushed to disk, renamed once complete.
 
-    ``records`` are (key, {field: 1-D array}) in image-shard order; arrays are stored in the dtype they come in.
+    ``records`` are (key, {field: 1-D array}) in image-shard order; arrays are stored in the dtype they come in
+    (:func:`encode_embeddings` makes the stored form).
     """
+    global _sidecars_written
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / f"{temp_prefix(path)}{os.getpid()}"
     try:
-        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:  # PAX: no 100-char name limit
-            _add_member(tar, HEADER_MEMBER, json.dumps(header, sort_keys=True).encode())
-            for key, vectors in records:
-                if "." in key:
-                    raise ValueError(f"sample key {key!r} contains a dot; webdataset keys end at the first dot")
-                for name, vector in vectors.items():
-                    buf = io.BytesIO()
-                    np.save(buf, np.ascontiguousarray(vector), allow_pickle=False)
-                    _add_member(tar, f"{key}.{name}.npy", buf.getvalue())
+        with open(tmp, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:  # PAX: no 100-char limit
+                _add_member(tar, HEADER_MEMBER, json.dumps(header, sort_keys=True).encode())
+                for count, (key, vectors) in enumerate(records):
+                    if "." in key:
+                        raise ValueError(f"sample key {key!r} contains a dot; webdataset keys end at the first dot")
+                    for name, vector in vectors.items():
+                        buf = io.BytesIO()
+                        np.save(buf, np.ascontiguousarray(vector), allow_pickle=False)
+                        _add_member(tar, f"{key}.{name}.npy", buf.getvalue())
+                    if count == 0:
+                        _maybe_kill_mid_write(fh)
+            fh.flush()
+            # On disk before the name appears: "the sidecar exists" then means "complete" after a node crash too.
+            os.fsync(fh.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers and restarts see nothing or the whole sidecar
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sidecars_written += 1
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -232,6 +319,26 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info.mtime = 0  # same inputs, same bytes
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(payload))
+
+
+@dataclass
+class EmbedStats:
+    """Token accounting of :func:`embed_caption_texts`: real tokens and the padding the batches carried."""
+
+    captions: int = 0
+    batches: int = 0
+    tokens: int = 0  # real (attended) tokens: BOS/EOS, instruction and caption
+    positions: int = 0  # rows x batch length summed over batches: what the tower computed
+
+    @property
+    def padding(self) -> int:
+        return self.positions - self.tokens
+
+    def add(self, other: EmbedStats) -> None:
+        self.captions += other.captions
+        self.batches += other.batches
+        self.tokens += other.tokens
+        self.positions += other.positions
 
 
 @dataclass
@@ -244,6 +351,7 @@ class SidecarReport:
     samples: int = 0
     captions: int = 0
     writer: bool = False  # this rank is TP rank 0 of its group: the one that writes files
+    stats: EmbedStats = field(default_factory=EmbedStats)  # tokens and padding of the shards embedded
 
 
 def _captions_of_shard(image_url: str, fields: Sequence[str]) -> tuple[list[tuple[str, str, str]], int, bool]:
@@ -263,34 +371,58 @@ def _captions_of_shard(image_url: str, fields: Sequence[str]) -> tuple[list[tupl
     return items, samples, not skips.counts
 
 
-def _embed_items(
+@torch.no_grad()
+def embed_caption_texts(
     tower: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    captions: list[str],
+    captions: Sequence[str],
     max_text_len: int,
     batch_size: int,
-    device: torch.device | str,
-    caption_format: str,
+    device: torch.device | str = "cpu",
+    caption_format: str = "plain",
+    sort_window: int = DEFAULT_SORT_WINDOW,
+    stats: EmbedStats | None = None,
 ) -> np.ndarray:
-    """(n, hidden) float32 embeddings of ``captions`` in their order. Collective over the tower's TP group."""
+    """(n, hidden) float32 embeddings of ``captions``, in their order. Collective over the tower's TP group.
+
+    Length bucketing: ``sort_window`` captions at a time (rounded up to whole batches) are tokenised together, as the
+    online loader tokenises (``caption_format``, ``max_text_len``), then sorted by token count, longest first, and
+    cut into batches of ``batch_size`` rows, each trimmed to its own longest row. Padding is masked out of attention
+    and pooling, so a caption's vector does not depend on its batch (to float rounding: other batch shapes take other
+    kernel paths). ``sort_window=0`` keeps the given order (batches of consecutive captions: the reference).
+    ``stats`` (if given) accumulates real tokens and computed positions.
+    """
     from llm2clip_scale.data.prompts import tokenize_captions
     from llm2clip_scale.models.llm.embed import TextBatch, embed_texts
 
+    if batch_size < 1 or sort_window < 0:
+        raise ValueError(f"batch_size {batch_size} must be >= 1 and sort_window {sort_window} >= 0")
     hidden = int(tower.config.hidden_size)
     out = np.zeros((len(captions), hidden), dtype=np.float32)
-    if not captions:
-        return out
-    # Same tokenisation as the online loader; batches are formed in length order so short alt-text is not padded to
-    # the longest dense caption. Padding is masked, so order and batch composition do not change an embedding.
-    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, mask, pool = tokenize_captions(tokenizer, [captions[i] for i in rows], caption_format,
-                                            max_len=max_text_len)
-        # Every TP rank holds the same ids (broadcast captions, deterministic tokenizer): TP's contract.
-        pooled = embed_texts(tower, TextBatch(ids, mask, pool).to(device))
-        out[rows] = pooled.cpu().numpy()
+    window = -(-sort_window // batch_size) * batch_size if sort_window else batch_size
+    for start in range(0, len(captions), window):
+        # Every TP rank tokenises the same captions (broadcast by TP rank 0) with a deterministic tokenizer, so all
+        # ranks form the very same batches: TP's contract.
+        texts = TextBatch(*tokenize_captions(tokenizer, list(captions[start : start + window]), caption_format,
+                                             max_len=max_text_len))
+        lengths = texts.attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, descending=True, stable=True) if sort_window else torch.arange(len(texts))
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            batch = texts.select(rows).trimmed()
+            out[start + rows.numpy()] = embed_texts(tower, batch.to(device)).cpu().numpy()
+            if stats is not None:
+                stats.add(EmbedStats(len(rows), 1, int(lengths[rows].sum()), len(rows) * batch.length))
     return out
+
+
+def _stale_temp_files(out_dir: Path, paths: Sequence[Path]) -> list[str]:
+    """Temporary files a killed run left for these sidecars (one directory listing, not one glob per shard)."""
+    prefixes = tuple(temp_prefix(path) for path in paths)
+    try:
+        return sorted(entry.name for entry in os.scandir(out_dir) if entry.name.startswith(prefixes))
+    except FileNotFoundError:
+        return []
 
 
 @torch.no_grad()
@@ -306,10 +438,11 @@ def write_sidecars(
     llm_dp_size: int = 1,
     tp_group: dist.ProcessGroup | None = None,
     batch_size: int = 64,
-    dtype: str = "float16",
+    dtype: str = DEFAULT_EMBEDDING_DTYPE,
     device: torch.device | str = "cpu",
     source: dict | None = None,
     caption_format: str = "plain",
+    sort_window: int = DEFAULT_SORT_WINDOW,
 ) -> SidecarReport:
     """Embed the ``fields`` captions of whole image shards with ``tower`` and write one sidecar per shard.
 
@@ -318,7 +451,8 @@ def write_sidecars(
     identical inputs; only TP rank 0 writes, atomically. A sidecar that already exists with the same header
     (fields, size, dtype, max_text_len, ``source``) is kept, so a restarted job redoes only unfinished shards.
     ``source`` describes the model (checkpoint, seed, LoRA, caption format, ...) for that header check; captions are
-    tokenised in ``caption_format`` (data/prompts.py), as the online path does.
+    tokenised in ``caption_format`` (data/prompts.py), as the online path does, and batched by length within
+    ``sort_window`` captions of a shard (:func:`embed_caption_texts`). Vectors are stored as ``dtype``.
     """
     if dtype not in EMBEDDING_DTYPES:
         raise ValueError(f"sidecar dtype {dtype!r}: use one of {EMBEDDING_DTYPES}")
@@ -333,6 +467,11 @@ def write_sidecars(
     dim = int(tower.config.hidden_size)
     report = SidecarReport(writer=tp_rank == 0)
     mine = [i for i in range(len(image_urls)) if i % llm_dp_size == llm_dp_rank]
+    if tp_rank == 0:
+        stale = _stale_temp_files(Path(out_dir), [sidecar_path(image_urls[i], out_dir) for i in mine])
+        if stale:
+            logger.warning("embed captions: %d temporary file(s) of killed runs in %s (e.g. %s): never read as "
+                           "sidecars; delete them once no job writes there", len(stale), out_dir, stale[0])
     for done, index in enumerate(mine, start=1):
         url = image_urls[index]
         path = sidecar_path(url, out_dir)
@@ -357,20 +496,24 @@ def write_sidecars(
                 logger.error("embed captions: %s cannot be read; no sidecar written", url)
             continue
         _, items, samples, whole = action
-        vectors = _embed_items(tower, tokenizer, [c for _, _, c in items], max_text_len, batch_size, device,
-                                   caption_format)
+        stats = EmbedStats()
+        vectors = embed_caption_texts(tower, tokenizer, [c for _, _, c in items], max_text_len, batch_size, device,
+                                      caption_format, sort_window, stats)
         if tp_rank == 0:
             if not whole:
                 logger.warning("embed captions: %s is damaged; sidecar covers its %d readable samples", url, samples)
-            write_sidecar(path, header, _group_records(items, vectors.astype(dtype)))
+            write_sidecar(path, header, _group_records(items, encode_embeddings(vectors, dtype)))
             elapsed = time.perf_counter() - started
             logger.info(
-                "embed captions: [%d/%d] %s: %d samples, %d captions in %.1f s (%.0f captions/s)",
-                done, len(mine), path, samples, len(items), elapsed, len(items) / max(elapsed, 1e-9),
+                "embed captions: [%d/%d] %s: %d samples, %d captions, %d tokens (+%.0f%% padding) in %.1f s "
+                "(%.0f captions/s, %.0f tokens/s)", done, len(mine), path, samples, len(items), stats.tokens,
+                100.0 * stats.padding / max(stats.tokens, 1), elapsed, len(items) / max(elapsed, 1e-9),
+                stats.tokens / max(elapsed, 1e-9),
             )
         report.written.append(str(path))
         report.samples += samples
         report.captions += len(items)
+        report.stats.add(stats)
     return report
 
 
