@@ -30,13 +30,9 @@ import torch.distributed as dist
 
 from llm2clip_scale.config.load import expand_shards, load_config
 from llm2clip_scale.config.schema import Config
-from llm2clip_scale.data.sidecar import (
-    DEFAULT_EMBEDDING_DTYPE,
-    DEFAULT_SORT_WINDOW,
-    EMBEDDING_DTYPES,
-    SidecarReport,
-    write_sidecars,
-)
+from llm2clip_scale.data.parts import part_slice
+from llm2clip_scale.data.sidecar import DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES
+from llm2clip_scale.data.sidecar_writer import DEFAULT_SORT_WINDOW, SidecarReport, write_sidecars
 
 logger = logging.getLogger("llm2clip_scale.data_prep.embed_captions")
 
@@ -113,17 +109,6 @@ def embed_captions(
     )
 
 
-def shard_slice(urls: Sequence[str], part: str) -> list[str]:
-    """The ``I``-th of ``N`` contiguous, near-equal slices of ``urls`` (``part`` = "I/N"); together they cover all."""
-    try:
-        index, count = (int(value) for value in part.split("/"))
-    except ValueError:
-        raise ValueError(f"--part {part!r}: use I/N, e.g. 3/16") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--part {part!r}: I must lie in 0..N-1")
-    return list(urls[len(urls) * index // count: len(urls) * (index + 1) // count])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config (model.llm, parallel.tensor_parallel, data.max_text_len, ...)")
@@ -159,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embed_captions: --shards {args.shards!r} matches no shards", file=sys.stderr)
         return 2
     try:
-        urls = shard_slice(urls, args.part)
+        urls = part_slice(urls, args.part)
     except ValueError as err:
         print(f"embed_captions: {err}", file=sys.stderr)
         return 2

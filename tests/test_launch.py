@@ -24,7 +24,7 @@ from llm2clip_scale.distributed.watchdog import Watchdog
 from llm2clip_scale.launch import preemption
 from llm2clip_scale.launch.submit import parse_time_minutes
 from llm2clip_scale.train import loop
-from tests.conftest import REPO, load_script, tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 
 JOB_SCRIPTS = ["llm2clip_cc", "proclip_inherit", "stage2_vit_e", "stage2_so400m", "proclip_stage2", "embed_captions"]
 # Ranks of each job as the configs' layout notes state them (nodes x GPUs per node; slurm/launch.sh starts one rank
@@ -326,7 +326,7 @@ def test_submit_rejects_a_bad_config_before_submitting(capsys: pytest.CaptureFix
 
 
 def test_shard_slices_cover_every_shard_once() -> None:
-    shard_slice = load_script("embed_captions").shard_slice
+    from llm2clip_scale.data.parts import part_slice as shard_slice
     urls = [f"s{i}" for i in range(10)]
     parts = [shard_slice(urls, f"{i}/4") for i in range(4)]
     assert sum(parts, []) == urls and [len(p) for p in parts] == [2, 3, 2, 3]

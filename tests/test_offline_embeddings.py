@@ -31,16 +31,8 @@ from llm2clip_scale.config.schema import Config, DataConfig, LLMConfig, ModelCon
 from llm2clip_scale.data.index import DatasetIndex, ShardEntry, write_index
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader, load_tokenizer
 from llm2clip_scale.data.shards import SkipCounter
-from llm2clip_scale.data.sidecar import (
-    EMBEDDINGS_KEY,
-    HEADER_MEMBER,
-    KILL_HOOK_ENV,
-    EmbeddingDecoder,
-    encode_embeddings,
-    make_header,
-    read_header,
-    write_sidecar,
-)
+from llm2clip_scale.data.sidecar import EMBEDDINGS_KEY, HEADER_MEMBER, EmbeddingDecoder, make_header, read_header
+from llm2clip_scale.data.sidecar_writer import KILL_HOOK_ENV, encode_embeddings, write_sidecar
 from llm2clip_scale.data.synthetic import SyntheticParams, build_synthetic_dataset
 from tests.multiprocess import _free_port, run_on_ranks
 
@@ -110,7 +102,7 @@ def _spawned(synth: str, out: str, captions: list[str]) -> dict:
     with torch.no_grad():  # one padded batch of everything: the plain single-tower answer
         result["reference"] = tower(encoded["input_ids"], encoded["attention_mask"]).numpy()
     # Length bucketing: the captions in file order (raw, short, long of each sample: mixed lengths), batches of 8.
-    from llm2clip_scale.data.sidecar import EmbedStats, embed_caption_texts
+    from llm2clip_scale.data.sidecar_writer import EmbedStats, embed_caption_texts
 
     for name, window in (("file_order", 0), ("sorted", 4096), ("sorted_window16", 16)):
         stats = EmbedStats()

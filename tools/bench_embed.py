@@ -12,7 +12,7 @@ them with:
 - ``transformers``: ``AutoModel`` of the checkpoint, batches of ``--batch-size`` captions in file order, each padded
   to its longest caption, masked mean pooling of ``last_hidden_state``, under ``torch.inference_mode``;
 - ``megatron, file order``: the frozen megatron tower as ``data_prep/embed_captions.py`` builds it (TP=1, PP=1,
-  imported from the checkpoint), through :func:`llm2clip_scale.data.sidecar.embed_caption_texts` with
+  imported from the checkpoint), through :func:`llm2clip_scale.data.sidecar_writer.embed_caption_texts` with
   ``sort_window=0`` — the same batches as the transformers loop;
 - ``megatron, length-bucketed``: the same, as embed_captions runs it (captions sorted by token count within
   ``--sort-window``).
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModel
 
     from llm2clip_scale.data.loader import load_tokenizer
-    from llm2clip_scale.data.sidecar import DEFAULT_SORT_WINDOW, EmbedStats, embed_caption_texts
+    from llm2clip_scale.data.sidecar_writer import DEFAULT_SORT_WINDOW, EmbedStats, embed_caption_texts
     from llm2clip_scale.models.llm.hf_import import llm_config_from_hf
     from llm2clip_scale.models.llm.tower import build_text_tower
 
