@@ -230,16 +230,3 @@ def read_header(path: str | os.PathLike) -> dict | None:
             return json.loads(tar.extractfile(member).read())
     except (OSError, tarfile.TarError, ValueError):
         return None
-
-
-# Moved to sidecar_writer; still importable from here for code written before the split (tests/test_validate_shards.py
-# imports them from this module). Resolved on first use, so reading alone never imports the writer.
-_WRITER_NAMES = frozenset({"encode_embeddings", "write_sidecar"})
-
-
-def __getattr__(name: str) -> object:
-    if name in _WRITER_NAMES:
-        from llm2clip_scale.data import sidecar_writer
-
-        return getattr(sidecar_writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
