@@ -375,7 +375,8 @@ def test_pair_files_count_bad_rows_exactly(tmp_path: Path) -> None:
     skips = SkipCounter("csv")
     pairs = list(read_pair_file(csv_path, skips))
     assert skips.counts == {"bad_row": 2, "missing_caption": 1}
-    assert pairs[0] == CaptionPair("a red circle", "a large red circle, centered", "a blue square", f"{csv_path}:2")
+    first_row = f"{csv_path}@{len(b'query,positive,negative') + 1}"  # a row's group: its line's byte offset
+    assert pairs[0] == CaptionPair("a red circle", "a large red circle, centered", "a blue square", first_row)
     assert (pairs[1].query, pairs[1].negative) == ("a cat", None)
 
     missing = SkipCounter("missing")

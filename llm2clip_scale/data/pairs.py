@@ -2,46 +2,52 @@
 
 - Shards: two different caption fields of the same image make a pair (e.g. short and long dense captions); which
   one queries is random per pair from a seeded RNG, and the query's instruction follows the direction.
-- Pair files: ``.jsonl`` objects or ``.csv`` rows with columns ``query``, ``positive`` and optionally ``negative``.
+- Pair files: ``.jsonl`` objects or ``.csv`` rows with columns ``query``, ``positive`` and optionally ``negative``,
+  read by :mod:`llm2clip_scale.data.pair_files` (format, byte-range split and the skips it counts are there).
 - Hard negatives: where a pair has none, :func:`attach_hard_negatives` takes a caption of a *different* image from a
   small look-ahead/look-behind window of the stream, preferring the one that shares most words with the positive
   (a near miss is what teaches fine distinctions); captions textually equal to the query or positive are never used,
   as two images with one caption would make a false negative.
 
-Bad input never stops a run; it is skipped and counted by reason in a :class:`SkipCounter`: ``read_error`` (file or
-shard unreadable), ``bad_json`` (sample json / jsonl line that does not parse to an object), ``bad_row`` (csv row
-with the wrong number of cells), ``missing_caption`` (fewer than two distinct non-empty captions in a sample; an
-empty or non-string query/positive/negative in a pair file), ``no_negative`` (no other image to draw a negative from).
+Bad input never stops a run; it is skipped and counted by reason in a :class:`SkipCounter`: for shards
+``read_error`` (shard unreadable), ``bad_json`` (sample json that does not parse to an object), ``missing_caption``
+(fewer than two distinct non-empty captions in a sample); for pair files those of
+:mod:`~llm2clip_scale.data.pair_files`; and ``no_negative`` (no other image to draw a negative from).
+
+Splitting over LLM data-parallel ranks (:func:`iter_caption_pairs`): each rank reads only its share. ``.tar`` shards
+go to ranks by :func:`~llm2clip_scale.data.shards.rank_shards` (shard ``i`` to rank ``i % W``); with fewer shards
+than ranks every rank reads all of them and keeps every ``W``-th good pair (logged once). A ``.jsonl``/``.csv`` file
+is split by bytes: rank ``r`` of ``W`` reads byte range ``r`` of ``W`` of it (:func:`read_pair_range`). Every skip
+is counted by exactly one rank, so counts sum over ranks to those of one process reading everything. CRA
+evaluation instead deals the pairs of the whole source (``deal=True``), which needs them in source order; it reads
+pair files whole, with the same parser (:func:`read_pair_file`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import logging
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from llm2clip_scale.config.load import expand_shards
+from llm2clip_scale.data.pair_files import (
+    PAIR_FILE_SUFFIXES,
+    UNCOUNTED,
+    CaptionPair,
+    read_pair_file,
+    read_pair_range,
+)
 from llm2clip_scale.data.prompts import MAX_TEXT_LEN, instruction_for, tokenize_captions
-from llm2clip_scale.data.shards import SkipCounter, caption_of, parse_meta, read_shards
+from llm2clip_scale.data.shards import SkipCounter, caption_of, parse_meta, rank_shards, read_shards
 
-PAIR_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".csv")
+logger = logging.getLogger("llm2clip_scale.data")
+
 DEFAULT_NEGATIVE_WINDOW = 16
-
-
-@dataclass(frozen=True)
-class CaptionPair:
-    query: str
-    positive: str
-    negative: str | None = None
-    group: str = ""  # the image (sample key) or file row the captions describe; negatives come from another group
-    query_field: str | None = None
-    positive_field: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------- shards
@@ -84,79 +90,6 @@ def pairs_from_samples(
         elif len(options) > 2:
             first, second = sorted((first, second), key=lambda option: fields.index(option[0]))
         yield CaptionPair(first[1], second[1], None, key, first[0], second[0])
-
-
-# ------------------------------------------------------------------------------------------------------ pair files
-
-
-def _cell(value: object) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _pair_from_record(record: object, where: str, skips: SkipCounter) -> CaptionPair | None:
-    if not isinstance(record, dict):
-        skips.add("bad_json", where, f"a {type(record).__name__}, not an object")
-        return None
-    query, positive = _cell(record.get("query")), _cell(record.get("positive"))
-    raw_negative = record.get("negative")
-    negative = _cell(raw_negative)
-    if query is None or positive is None or (raw_negative not in (None, "") and negative is None):
-        skips.add("missing_caption", where)
-        return None
-    skips.good()
-    return CaptionPair(query, positive, negative, where)
-
-
-def read_pair_file(path: str | Path, skips: SkipCounter) -> Iterator[CaptionPair]:
-    """Pairs of one ``.jsonl`` or ``.csv`` file (csv: a header row naming query, positive[, negative]).
-
-    Blank lines are not rows. An empty csv ``negative`` cell means "no negative given", like an absent jsonl key.
-    """
-    path = Path(path)
-    if path.suffix not in PAIR_FILE_SUFFIXES:
-        raise ValueError(f"{path}: pair files must end in {' or '.join(PAIR_FILE_SUFFIXES)}")
-    try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            if path.suffix == ".jsonl":
-                yield from _jsonl_pairs(handle, str(path), skips)
-            else:
-                yield from _csv_pairs(handle, str(path), skips)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        skips.add("read_error", str(path), err)
-
-
-def _jsonl_pairs(handle: Iterable[str], name: str, skips: SkipCounter) -> Iterator[CaptionPair]:
-    for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            skips.add("bad_json", where, err)
-            continue
-        pair = _pair_from_record(record, where, skips)
-        if pair is not None:
-            yield pair
-
-
-def _csv_pairs(handle: Iterable[str], name: str, skips: SkipCounter) -> Iterator[CaptionPair]:
-    reader = csv.reader(handle)
-    header = next(reader, None)
-    columns = [c.strip() for c in header] if header else []
-    if "query" not in columns or "positive" not in columns:
-        skips.add("read_error", name, f"csv header {columns} lacks query/positive columns")
-        return
-    for row in reader:
-        if not any(cell.strip() for cell in row):
-            continue
-        where = f"{name}:{reader.line_num}"
-        if len(row) != len(columns):
-            skips.add("bad_row", where, f"{len(row)} cells for {len(columns)} columns")
-            continue
-        pair = _pair_from_record(dict(zip(columns, row)), where, skips)
-        if pair is not None:
-            yield pair
 
 
 # ------------------------------------------------------------------------------------------------- hard negatives
@@ -219,6 +152,9 @@ def _is_pair_file(url: str) -> bool:
     return url.endswith(PAIR_FILE_SUFFIXES)
 
 
+_few_shards_logged: set[tuple[str, int]] = set()
+
+
 def iter_caption_pairs(
     source: str,
     skips: SkipCounter,
@@ -229,39 +165,89 @@ def iter_caption_pairs(
     random_direction: bool = True,
     hard_negatives: bool = True,
     negative_window: int = DEFAULT_NEGATIVE_WINDOW,
+    deal: bool = False,
 ) -> Iterator[CaptionPair]:
     """One pass over ``source`` (a brace/glob pattern of ``.tar`` shards and/or ``.jsonl``/``.csv`` pair files;
     ``::`` joins patterns), this rank's share of it, in a deterministic order.
 
-    ``rank``/``world_size`` are data-parallel coordinates (the LLM-DP group in stage 1; TP ranks of one group must
-    pass the same rank and so read the same pairs). Pairs are dealt round-robin over the good pairs of the whole
-    source (pair ``i`` goes to rank ``i % world_size``), so ranks get disjoint, near-equal shares however few files
-    there are; every rank reads everything, which is cheap for captions. Negatives are attached after dealing, from
-    this rank's own stream, with an RNG seeded by (seed, rank).
+    ``rank``/``world_size`` are data-parallel coordinates (the LLM-DP group in stage 1; TP/PP ranks of one replica
+    must pass the same rank and so read the same pairs). By default each rank reads only its share (module doc:
+    shards by rank, pair files by byte range); a pair and its direction depend on the sample alone (a shard's
+    direction RNG is seeded by (seed, shard)), so the ranks' pairs together are exactly those of ``world_size=1``.
+
+    ``deal=True`` is the global dealing CRA relies on: every rank reads the whole source and keeps good pair ``i``
+    when ``i % world_size == rank``, so the first ``N`` pairs of the source are spread over the ranks in order
+    (a pair file is then read whole: :func:`~llm2clip_scale.data.pair_files.read_pair_file`). Skip counts are then
+    every rank's own.
+
+    Negatives are attached after splitting, from this rank's own stream, with an RNG seeded by (seed, rank).
     """
     urls = expand_shards(source) if source else []
     if not urls:
         raise ValueError(f"caption pairs: {source!r} matches no files")
     if not 0 <= rank < world_size:
         raise ValueError(f"caption pairs: rank {rank} must lie in [0, world_size={world_size})")
+    read = _dealt_pairs if deal else _rank_pairs
+    pairs = read(urls, skips, fields, rank, world_size, seed, random_direction)
+    if not hard_negatives:
+        return pairs
+    return attach_hard_negatives(pairs, random.Random(f"pairs/negatives/{seed}/{rank}"), skips, negative_window)
+
+
+def _dealt_pairs(urls: list[str], skips: SkipCounter, fields: Sequence[str], rank: int, world_size: int, seed: int,
+                 random_direction: bool) -> Iterator[CaptionPair]:
+    """Every rank reads everything and keeps every ``world_size``-th good pair (``deal=True``)."""
     direction_rng = random.Random(f"pairs/direction/{seed}")  # same on every rank: all see the whole stream
-
-    def every_pair() -> Iterator[CaptionPair]:
-        for url in urls:
-            if _is_pair_file(url):
-                yield from read_pair_file(url, skips)
-            else:
-                samples = read_shards([{"url": url}], skips)
-                yield from pairs_from_samples(samples, fields, direction_rng, skips, random_direction)
-
-    def mine() -> Iterator[CaptionPair]:
-        for index, pair in enumerate(every_pair()):
+    index = 0
+    for url in urls:
+        if _is_pair_file(url):
+            pairs = read_pair_file(url, skips)
+        else:
+            pairs = pairs_from_samples(read_shards([{"url": url}], skips), fields, direction_rng, skips,
+                                       random_direction)
+        for pair in pairs:
             if index % world_size == rank:
                 yield pair
+            index += 1
 
-    if not hard_negatives:
-        return mine()
-    return attach_hard_negatives(mine(), random.Random(f"pairs/negatives/{seed}/{rank}"), skips, negative_window)
+
+def _rank_pairs(urls: list[str], skips: SkipCounter, fields: Sequence[str], rank: int, world_size: int, seed: int,
+                random_direction: bool) -> Iterator[CaptionPair]:
+    """This rank's share, in source order: its shards, its byte range of every pair file (module doc)."""
+    tars = [url for url in urls if not _is_pair_file(url)]
+    shared = 0 < len(tars) < world_size
+    if shared:
+        if (key := ("::".join(tars), world_size)) not in _few_shards_logged:
+            _few_shards_logged.add(key)
+            logger.warning(
+                "caption pairs: %d tar shard(s) for %d data-parallel ranks; every rank reads all of them and keeps "
+                "every %d-th good pair (give at least %d shards to split them by rank)",
+                len(tars), world_size, world_size, world_size)
+        mine = set(range(len(tars)))
+    else:
+        mine = set(rank_shards(range(len(tars)), rank, world_size, what="caption pairs"))
+    tar_index = raw = dealt = 0
+    for url in urls:
+        if _is_pair_file(url):
+            yield from read_pair_range(url, skips, rank, world_size)
+            continue
+        index, tar_index = tar_index, tar_index + 1
+        if index not in mine:
+            continue
+        direction_rng = random.Random(f"pairs/direction/{seed}/{index}/{url}")
+        if not shared:
+            samples = read_shards([{"url": url}], skips)
+            yield from pairs_from_samples(samples, fields, direction_rng, skips, random_direction)
+            continue
+        # Read by every rank: each keeps every world_size-th good pair, and each skip is counted by one rank only
+        # (a shard's read error by rank index % W, a bad sample by rank raw % W), so counts add up over ranks.
+        for sample in read_shards([{"url": url}], skips if index % world_size == rank else UNCOUNTED):
+            sample_skips = skips if raw % world_size == rank else UNCOUNTED
+            raw += 1
+            for pair in pairs_from_samples([sample], fields, direction_rng, sample_skips, random_direction):
+                if dealt % world_size == rank:
+                    yield pair
+                dealt += 1
 
 
 # ------------------------------------------------------------------------------------------------------ batching
@@ -328,5 +314,6 @@ __all__ = [
     "iter_caption_pairs",
     "pairs_from_samples",
     "read_pair_file",
+    "read_pair_range",
     "shard_source",
 ]

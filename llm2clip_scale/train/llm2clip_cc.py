@@ -17,8 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,10 +33,11 @@ from llm2clip_scale.checkpoint.lora import (
 from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
-from llm2clip_scale.data.pairs import CaptionPair, PairCollator, batch_pairs, iter_caption_pairs
+from llm2clip_scale.data.pair_stream import PairBatches
+from llm2clip_scale.data.pairs import PairCollator, batch_pairs, iter_caption_pairs
 from llm2clip_scale.data.samples import load_tokenizer
 from llm2clip_scale.data.shards import SkipCounter
-from llm2clip_scale.distributed.collectives import all_gather_rows
+from llm2clip_scale.distributed.collectives import all_gather_rows, sum_over_ranks
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
 from llm2clip_scale.eval.cra import caption_retrieval_accuracy, evaluate_cra
 from llm2clip_scale.losses.simcse import simcse_loss
@@ -77,26 +77,16 @@ def _side(batch: dict, side: str) -> TextBatch:
     return TextBatch(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_pool_mask"])
 
 
-def _shuffled(pairs: Iterable[CaptionPair], buffer: int, rng: random.Random) -> Iterator[CaptionPair]:
-    """Buffer shuffle: the pair files and shards come in a fixed order, and in-batch negatives should not."""
-    pool: list[CaptionPair] = []
-    for pair in pairs:
-        pool.append(pair)
-        if len(pool) >= buffer:
-            yield pool.pop(rng.randrange(len(pool)))
-    rng.shuffle(pool)
-    yield from pool
-
-
 def eval_batches(cfg: Config, collate: PairCollator, dp_rank: int, dp_size: int, skips: SkipCounter) -> list[dict]:
     """This DP rank's share of the first ``eval.max_samples`` CRA pairs (caption eval_fields[0] -> [1])."""
     s1 = cfg.stage1
     assert s1.eval_pairs is not None
     pairs = iter_caption_pairs(
         s1.eval_pairs, skips, fields=s1.eval_fields, rank=dp_rank, world_size=dp_size, seed=cfg.train.seed,
-        random_direction=False, hard_negatives=False,
+        random_direction=False, hard_negatives=False, deal=True,
     )
-    # Pairs are dealt round-robin, so the first max_samples pairs of the split give this rank these many.
+    # Pairs are dealt round-robin over the whole split (every rank reads it all: CRA needs exactly the first
+    # max_samples pairs), so the first max_samples pairs give this rank these many.
     mine = len(range(dp_rank, cfg.eval.max_samples, dp_size))
     return list(batch_pairs(itertools.islice(pairs, mine), collate, cfg.eval.batch_size, keep_partial=True))
 
@@ -125,51 +115,6 @@ def pairs_cra(tower: LLMTextEncoder, batches: list[dict], micro_batch_size: int,
 
 
 # ------------------------------------------------------------------------------------------------------- training
-
-
-class PairBatches:
-    """Endless collated batches of one LLM-DP rank's pairs; each pass over the data reshuffles with (seed, epoch).
-
-    Resumable: the position is (epoch, batches taken in it). A resumed stream re-reads the epoch's pairs up to the
-    position without tokenising them, then continues; the skip counts are then set to the saved ones, which already
-    include everything the re-read pairs did.
-    """
-
-    def __init__(self, cfg: Config, collate: PairCollator, dp_rank: int, dp_size: int, skips: SkipCounter) -> None:
-        self.cfg, self.collate, self.dp_rank, self.dp_size, self.skips = cfg, collate, dp_rank, dp_size, skips
-        self.pairs_per_rank = cfg.train.global_batch // dp_size
-        self.epoch, self.taken = 0, 0
-        self._saved_skips: dict[str, int] | None = None
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "taken": self.taken, "skips": dict(self.skips.counts)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.taken, self._saved_skips = state["epoch"], state["taken"], dict(state["skips"])
-
-    def __iter__(self) -> Iterator[dict]:
-        cfg, s1 = self.cfg, self.cfg.stage1
-        for epoch in itertools.count(self.epoch):
-            pairs = iter_caption_pairs(
-                cfg.data.train_shards, self.skips, fields=s1.fields, rank=self.dp_rank, world_size=self.dp_size,
-                seed=cfg.train.seed + epoch, random_direction=s1.random_direction, hard_negatives=s1.hard_negatives,
-                negative_window=s1.negative_window,
-            )
-            rng = random.Random(f"stage1/shuffle/{cfg.train.seed}/{epoch}/{self.dp_rank}")
-            shuffled = _shuffled(pairs, cfg.data.shuffle_buffer, rng)
-            skip = self.taken if epoch == self.epoch else 0
-            for _ in itertools.islice(shuffled, skip * self.pairs_per_rank):
-                pass
-            if self._saved_skips is not None:
-                self.skips.counts = self._saved_skips
-                self._saved_skips = None
-            self.epoch, self.taken = epoch, skip
-            for batch in batch_pairs(shuffled, self.collate, self.pairs_per_rank):
-                self.taken += 1
-                yield batch
-            if self.taken == 0:
-                raise ValueError(f"data.train_shards: fewer good pairs than one batch of {self.pairs_per_rank} "
-                                 f"per rank (skipped: {self.skips.counts})")
 
 
 class LLM2CLIPCaptionContrastiveTask:
@@ -253,9 +198,9 @@ class LLM2CLIPCaptionContrastiveTask:
             "micro_batches": float(cached.num_microbatches)})
 
     def skipped_samples(self) -> int:
-        # Every DP rank reads the whole source (pairs are dealt after reading), so its counts already cover all of
-        # it; summing over ranks would count each bad sample once per rank.
-        return sum(self.skips.counts.values())
+        # Each LLM-DP rank reads (or, for data every rank reads, counts) its own share of the source, so the total
+        # is the sum over the DP group; TP/PP ranks of one replica read the same pairs and are counted once.
+        return sum_over_ranks(sum(self.skips.counts.values()), self.topo.device, group=self.dp_group)
 
     def data_key(self) -> tuple:
         return ("llm_dp", self.topo.llm_dp_rank, self.topo.llm_dp_size)
