@@ -3,7 +3,6 @@ reason; a clean one passes --strict. Shards are tiny (8x8 JPEGs, 8-wide float16 
 
 from __future__ import annotations
 
-import ast
 import io
 import json
 import shutil
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llm2clip_scale.data import shard_check
 from llm2clip_scale.data.index import DatasetIndex, ShardEntry, write_index
 from llm2clip_scale.data.shards import SkipCounter, read_shard
 from llm2clip_scale.data.sidecar import EmbeddingDecoder, make_header, read_paired_shards
@@ -190,19 +190,12 @@ def _findings(report: dict) -> dict[str, dict[str, int]]:
     return {Path(s["shard"]).name: s["findings"] for s in report["shards"]}
 
 
-def test_image_extensions_match_the_loader() -> None:
-    tree = ast.parse((REPO / "llm2clip_scale" / "data" / "samples.py").read_text())
-    loader = next(ast.literal_eval(node.value) for node in ast.walk(tree)
-                  if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "IMAGE_EXTENSIONS")
-    assert vs.IMAGE_EXTENSIONS == loader
-
-
 def test_out_of_order_counts_records_to_move() -> None:
-    assert vs._out_of_order([]) == (0, 0)
-    assert vs._out_of_order([0, 1, 2, 3]) == (0, 0)
-    assert vs._out_of_order([0, 2, 1, 3]) == (1, 1)  # a swapped pair: one record moves
-    assert vs._out_of_order([4, 0, 1, 2, 3]) == (1, 4)  # one record from the end to the front
-    assert vs._out_of_order([3, 2, 1, 0]) == (3, 3)
+    assert shard_check._out_of_order([]) == (0, 0)
+    assert shard_check._out_of_order([0, 1, 2, 3]) == (0, 0)
+    assert shard_check._out_of_order([0, 2, 1, 3]) == (1, 1)  # a swapped pair: one record moves
+    assert shard_check._out_of_order([4, 0, 1, 2, 3]) == (1, 4)  # one record from the end to the front
+    assert shard_check._out_of_order([3, 2, 1, 0]) == (3, 3)
 
 
 def test_clean_dataset_passes_strict(clean: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

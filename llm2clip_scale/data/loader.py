@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from llm2clip_scale.config.schema import DataConfig, train_sources
 from llm2clip_scale.data.samples import (
-    IMAGE_EXTENSIONS,
     Collator,
     ImageTransform,
     batched,
@@ -46,6 +45,7 @@ from llm2clip_scale.data.samples import (
     worker_id,
 )
 from llm2clip_scale.data.shards import (
+    IMAGE_EXTENSIONS,
     MAX_CONSECUTIVE_SKIPS,
     SKIPPED_KEY,
     WORKER_KEY,

@@ -17,13 +17,11 @@ from torchvision import transforms
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llm2clip_scale.data.prompts import tokenize_captions
-from llm2clip_scale.data.shards import SKIPPED_KEY, WORKER_KEY, SkipCounter, caption_of, parse_meta
+from llm2clip_scale.data.shards import IMAGE_EXTENSIONS, SKIPPED_KEY, WORKER_KEY, SkipCounter, caption_of, parse_meta
 from llm2clip_scale.data.sidecar import EmbeddingDecoder
 
 logger = logging.getLogger("llm2clip_scale.data")
 # transformers is imported at module level on purpose: forked DataLoader workers inherit it instead of paying ~1 s.
-
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
 # ------------------------------------------------------------------------------------------------ sample decoding
 

@@ -36,6 +36,9 @@ SKIPPED_KEY = "__skipped__"
 # An infinite resampled stream in which nothing is usable (a misspelt caption field, all shards missing) would spin
 # silently forever; this many skips in a row without one good sample stops the run with a message instead.
 MAX_CONSECUTIVE_SKIPS = 1000
+# A sample's image members, in the loaders' order of preference. Here, not in samples.py, so that the shard validator
+# (shard_check.py) checks against the same tuple without importing transformers and torchvision (seconds a process).
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
 T = TypeVar("T")
 
