@@ -1,11 +1,13 @@
-"""The kernel registry: reference path on CPU, selection logic with faked packages/devices, factories, tooling."""
+"""The kernel registry: selection with faked packages/devices, and that training runs what ``llm2clip-scale env``
+reports — the vision tower's attention (timm's SDPA flag), the LLM tower's norms and layer spec — plus the factories,
+the numerics tool and the report."""
 
 from __future__ import annotations
 
+import copy
 import importlib.machinery
 import importlib.util
 import json
-import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,25 +15,39 @@ from types import ModuleType
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llm2clip_scale import cli, kernels
 from llm2clip_scale.kernels import registry
+from tests.multiprocess import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("apex", "transformer_engine", "flash_attn")
+CPU = torch.device("cpu")
+
+
+def _numerics_tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("check_fused_numerics", ROOT / "tools" / "check_fused_numerics.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _numerics_tool()
 
 
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
-    kernels.clear_cache()
+    monkeypatch.delenv(registry.TIMM_FUSED_ATTN_ENV, raising=False)
     yield
-    kernels.clear_cache()
 
 
-def _fake(monkeypatch: pytest.MonkeyPatch, present: set[str], cuda: bool = True,
-          capability: tuple[int, int] = (9, 0), flash_sdp: bool = True) -> None:
+def _fake(monkeypatch: pytest.MonkeyPatch, present: set[str], cuda: bool = True, capability: tuple[int, int] = (9, 0),
+          flash_sdp: bool = True, efficient_sdp: bool = True) -> None:
     """Pretend ``present`` packages are installed (and the other optional ones absent) and a CUDA device exists."""
     real = importlib.util.find_spec
 
@@ -47,30 +63,46 @@ def _fake(monkeypatch: pytest.MonkeyPatch, present: set[str], cuda: bool = True,
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: flash_sdp)
-    monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda: efficient_sdp)
 
 
-# --- a machine without CUDA (this one; faked on a GPU runner): every slot is the reference, and says why ------------
+class FakeFusedRMSNorm(nn.RMSNorm):
+    """Stands in for apex's FusedRMSNorm (same constructor) so that the wiring can be checked without apex."""
 
 
-def test_cpu_machine_resolves_every_slot_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fake_apex_modules() -> dict[str, ModuleType]:
+    apex, normalization = ModuleType("apex"), ModuleType("apex.normalization")
+    normalization.FusedRMSNorm = FakeFusedRMSNorm
+    apex.normalization = normalization
+    return {"apex": apex, "apex.normalization": normalization}
+
+
+# --- selection: a machine without CUDA (this one; faked on a GPU runner) -----------------------------------------
+
+
+def test_cpu_machine_resolves_the_reference_except_timm_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     choices = kernels.resolve_all()
     assert list(choices) == list(kernels.SLOTS)
     for slot, choice in choices.items():
-        assert choice.slot == slot and not choice.fused
-        assert choice.name == registry.REFERENCE[slot]
-        assert "CUDA" in choice.reason or "not installed" in choice.reason, choice
-    assert "no CUDA device" in choices["attention"].reason
+        assert choice.slot == slot and choice.runs.startswith(registry.WHERE[slot])
+        assert "no CUDA device" in choice.reason, choice
+        if slot != "attention":
+            assert not choice.fused and choice.name == registry.REFERENCE[slot], choice
+    # timm's default on any device: F.scaled_dot_product_attention, which torch runs with its CPU flash kernel here.
+    attention = choices["attention"]
+    assert (attention.name, attention.fused) == ("sdpa", True)
+    assert "flash-attention CPU kernel" in attention.reason and "F.scaled_dot_product_attention" in attention.runs
     assert kernels.megatron_layer_spec_name() == "local"
+    assert "DotProductAttention" in choices["megatron_layer_spec"].runs
 
 
 def test_forcing_the_reference_by_argument_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    _fake(monkeypatch, {"apex", "transformer_engine", "flash_attn", "deepspeed"})
+    _fake(monkeypatch, {"apex", "transformer_engine", "deepspeed"})
     assert all(choice.fused for choice in kernels.resolve_all().values())
     forced = kernels.resolve_all(force_reference=True)
-    assert not any(choice.fused for choice in forced.values())
-    assert all(choice.reason == "reference forced by caller" for choice in forced.values())
+    assert {slot: c.name for slot, c in forced.items()} == registry.REFERENCE
+    assert all(not c.fused and c.reason == "reference forced by caller" for c in forced.values())
 
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     choice = kernels.resolve("layernorm")
@@ -78,8 +110,16 @@ def test_forcing_the_reference_by_argument_and_environment(monkeypatch: pytest.M
 
     monkeypatch.setenv(kernels.DISABLE_ENV, "attention,adamw")  # a list pins only those slots
     choices = kernels.resolve_all()
-    assert not choices["attention"].fused and not choices["adamw"].fused
+    assert choices["attention"].name == "timm.explicit" and not choices["adamw"].fused
     assert choices["layernorm"].fused and choices["megatron_layer_spec"].fused
+
+
+def test_timms_own_switch_is_honoured_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(registry.TIMM_FUSED_ATTN_ENV, "0")
+    choice = kernels.resolve("attention")
+    assert (choice.name, choice.fused, choice.reason) == ("timm.explicit", False, "TIMM_FUSED_ATTN=0 set")
+    monkeypatch.setenv(registry.TIMM_FUSED_ATTN_ENV, "2")  # timm's "experimental too": still SDPA
+    assert kernels.resolve("attention").name == "sdpa"
 
 
 def test_unknown_slot_is_refused() -> None:
@@ -95,8 +135,8 @@ def test_apex_and_cuda_pick_apex(monkeypatch: pytest.MonkeyPatch) -> None:
     choices = kernels.resolve_all()
     assert choices["layernorm"].name == "apex.FusedLayerNorm" and choices["layernorm"].fused
     assert choices["rmsnorm"].name == "apex.FusedRMSNorm"
-    assert choices["adamw"].name == "apex.FusedAdam"
-    assert "apex installed" in choices["adamw"].reason and "Fake GPU" in choices["adamw"].reason
+    # AdamW is torch's fused kernel even with apex and DeepSpeed present: nothing to build or JIT-compile per rank.
+    assert choices["adamw"].name == "torch.AdamW(fused)" and "Fake GPU" in choices["adamw"].reason
     assert choices["megatron_layer_spec"].name == "local"
     assert "transformer_engine not installed" in choices["megatron_layer_spec"].reason
 
@@ -107,11 +147,12 @@ def test_transformer_engine_picks_te_norms_and_the_te_layer_spec(monkeypatch: py
     assert choices["layernorm"].name == "te.LayerNorm"
     assert choices["rmsnorm"].name == "te.RMSNorm"
     assert kernels.megatron_layer_spec_name() == "transformer_engine"
+    assert "TE DotProductAttention" in choices["megatron_layer_spec"].runs
 
 
-def test_adamw_falls_through_deepspeed_then_torch_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adamw_is_torch_fused_whatever_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake(monkeypatch, {"deepspeed"})
-    assert kernels.resolve("adamw").name == "deepspeed.FusedAdam"
+    assert kernels.resolve("adamw").name == "torch.AdamW(fused)"  # not DeepSpeed's JIT-built FusedAdam
     _fake(monkeypatch, set())
     choice = kernels.resolve("adamw")
     assert (choice.name, choice.fused) == ("torch.AdamW(fused)", True)
@@ -121,24 +162,26 @@ def test_adamw_falls_through_deepspeed_then_torch_fused(monkeypatch: pytest.Monk
 
 def test_packages_without_cuda_give_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake(monkeypatch, {"apex", "transformer_engine", "flash_attn", "deepspeed"}, cuda=False)
-    for choice in kernels.resolve_all().values():
-        assert not choice.fused and choice.reason == "no CUDA device", choice
+    for slot, choice in kernels.resolve_all().items():
+        assert choice.fused == (slot == "attention") and choice.reason.startswith("no CUDA device"), choice
 
 
 @pytest.mark.parametrize(
-    ("present", "capability", "flash_sdp", "name", "reason"),
+    ("capability", "flash_sdp", "efficient_sdp", "fused", "reason"),
     [
-        ({"flash_attn"}, (9, 0), True, "flash_attn", "flash_attn installed, CUDA capability 9.0"),
-        (set(), (8, 0), True, "sdpa_flash", "flash_attn not installed"),
-        (set(), (8, 6), False, "sdpa_efficient", "SDPA flash backend disabled"),
-        ({"flash_attn"}, (7, 0), True, "sdpa_efficient", "CUDA capability 7.0 < 8.0 required by flash attention"),
+        ((9, 0), True, True, True, "torch dispatches per call to flash (fp16/bf16), else mem-efficient, else math"),
+        ((8, 6), False, True, True, "SDPA flash backend disabled in torch; torch dispatches per call to mem-efficient"),
+        ((7, 0), True, True, True, "CUDA capability 7.0 < 8.0 required by flash attention; torch dispatches per "
+                                   "call to mem-efficient, else math"),
+        ((9, 0), False, False, False, "mem-efficient backend disabled in torch: torch's math kernel"),
     ],
 )
-def test_attention_selection(monkeypatch: pytest.MonkeyPatch, present: set[str], capability: tuple[int, int],
-                             flash_sdp: bool, name: str, reason: str) -> None:
-    _fake(monkeypatch, present, capability=capability, flash_sdp=flash_sdp)
+def test_attention_reason_says_which_sdpa_kernel_torch_runs(monkeypatch: pytest.MonkeyPatch,
+                                                            capability: tuple[int, int], flash_sdp: bool,
+                                                            efficient_sdp: bool, fused: bool, reason: str) -> None:
+    _fake(monkeypatch, {"flash_attn"}, capability=capability, flash_sdp=flash_sdp, efficient_sdp=efficient_sdp)
     choice = kernels.resolve("attention")
-    assert choice.name == name and choice.fused
+    assert (choice.name, choice.fused) == ("sdpa", fused)  # timm calls SDPA either way; flash_attn is never used
     assert reason in choice.reason
 
 
@@ -148,8 +191,8 @@ def test_detection_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch.cuda, "is_available", broken)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: (_ for _ in ()).throw(ValueError()))
-    for choice in kernels.resolve_all().values():
-        assert not choice.fused
+    for slot, choice in kernels.resolve_all().items():
+        assert choice.fused == (slot == "attention")  # SDPA needs no probe: torch picks the CPU kernel
     assert "CUDA probe failed (driver exploded)" in kernels.resolve("adamw").reason
 
 
@@ -165,6 +208,139 @@ def test_factories_fall_back_when_a_found_package_is_unusable(monkeypatch: pytes
     # A fused AdamW choice with parameters on the CPU still gets the (CPU-capable) reference.
     optimizer = kernels.build_optimizer([nn.Parameter(torch.ones(3))], lr=0.1)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is not True
+
+
+# --- the vision tower runs the reported attention ----------------------------------------------------------------
+
+
+def _sdpa_calls(monkeypatch: pytest.MonkeyPatch, tower: nn.Module, image_size: int) -> int:
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(F, "scaled_dot_product_attention", spy)  # timm calls it as F.scaled_dot_product_attention
+        tower(torch.randn(2, 3, image_size, image_size))
+    return len(calls)
+
+
+@pytest.mark.parametrize("override", [None, (kernels.DISABLE_ENV, "attention"), (kernels.DISABLE_ENV, "1"),
+                                      (registry.TIMM_FUSED_ATTN_ENV, "0")])
+def test_vision_tower_runs_the_reported_attention(monkeypatch: pytest.MonkeyPatch,
+                                                  override: tuple[str, str] | None) -> None:
+    from timm.layers import use_fused_attn
+
+    from llm2clip_scale.models.vision.timm_tower import attention_modules, build_vision_tower
+
+    if override:
+        monkeypatch.setenv(*override)
+    sdpa = kernels.resolve("attention").name == "sdpa"
+    assert sdpa == (override is None)
+    timm_flag = use_fused_attn()
+    for key in tool.TOWERS:  # ViT, EVA02 (RoPE), SigLIP (blocks + attention pool), built by build_vision_tower
+        tower, image_size = tool.vision_tower(key, CPU, torch.float32)
+        modules = attention_modules(tower)
+        assert len(modules) >= 2 and set(modules.values()) == {sdpa}, (key, modules)
+        assert _sdpa_calls(monkeypatch, tower, image_size) == (len(modules) if sdpa else 0), key
+    name, _, kwargs = tool.TOWERS["so400m"]
+    meta = build_vision_tower(tool.VisionConfig(name=name, image_size=56, timm_kwargs=kwargs), 8, device="meta")
+    assert set(attention_modules(meta).values()) == {sdpa}  # the meta skeleton (pretrained loading) too
+    assert use_fused_attn() == timm_flag  # timm's process-wide flag is left as it was
+
+
+def test_the_reference_attention_build_computes_what_the_fused_build_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32, CPU: towers from the same seed, one built as training does (SDPA), one under LLM2CLIP_DISABLE_FUSED
+    (timm's unfused path): equal weights, outputs and gradients within 1e-5 relative, from two different kernels."""
+    from llm2clip_scale.models.vision.timm_tower import attention_modules
+
+    for key in tool.TOWERS:
+        fused, image_size = tool.vision_tower(key, CPU, torch.float32, seed=3)
+        with monkeypatch.context() as env:
+            env.setenv(kernels.DISABLE_ENV, "attention")
+            reference, _ = tool.vision_tower(key, CPU, torch.float32, seed=3)
+        assert all(attention_modules(fused).values()) and not any(attention_modules(reference).values())
+        want = reference.state_dict()
+        assert all(torch.equal(t, want[n]) for n, t in fused.state_dict().items())
+        rows = tool.compare_tower_attention("sdpa", fused, reference, image_size, CPU, torch.float32)
+        assert [r.quantity for r in rows] == ["forward", "backward d_images", "backward d_params"]
+        assert all(r.max_rel <= 1e-5 for r in rows), rows
+        assert any(r.max_abs > 0 for r in rows), "expected two different kernels, not one compared with itself"
+
+
+# --- the LLM tower runs the reported norms and layer spec ---------------------------------------------------------
+
+
+def test_llm_local_spec_norms_are_the_registry_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from llm2clip_scale.models.llm import tower
+
+    spec = tower._layer_spec("local", bidirectional=True)
+    assert spec.submodules.input_layernorm is tower.RegistryRMSNorm
+    assert spec.submodules.pre_mlp_layernorm is tower.RegistryRMSNorm
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, normalization="RMSNorm",
+                               params_dtype=torch.bfloat16)
+
+    def build() -> nn.Module:
+        return build_module(spec.submodules.input_layernorm, config=config, hidden_size=32, eps=1e-5)
+
+    assert kernels.resolve("rmsnorm").name == "torch.nn.RMSNorm"
+    norm = build()
+    assert type(norm) is nn.RMSNorm and norm.eps == 1e-5 and norm.weight.dtype == torch.bfloat16
+    assert type(tool.llm_rmsnorm(32, torch.bfloat16)) is nn.RMSNorm  # the numerics tool builds the same
+
+    _fake(monkeypatch, {"apex"})  # a GPU node with apex: the registry picks apex's fused RMSNorm, and so does the spec
+    for name, module in _fake_apex_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    assert kernels.resolve("rmsnorm").name == "apex.FusedRMSNorm"
+    norm = build()
+    assert type(norm) is FakeFusedRMSNorm and norm.weight.dtype == torch.bfloat16
+    assert type(tool.llm_rmsnorm(32, torch.bfloat16)) is FakeFusedRMSNorm
+
+
+def _llm_tower_worker() -> dict:
+    """Build the tiny stage-2 tower as training does (bf16, frozen); then again where the registry picks apex."""
+    from llm2clip_scale.config.schema import LLMConfig
+    from llm2clip_scale.distributed.topology import build_topology, init_distributed
+    from llm2clip_scale.models.llm.tower import build_text_tower
+
+    init_distributed("gloo")
+    build_topology(1, 1)
+    cfg = LLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                    vocab_size=128, max_seq_len=32, seed=1234)
+
+    def facts(tower: nn.Module) -> dict:
+        norms = {n: m for n, m in tower.named_modules() if n.endswith(("input_layernorm", "pre_mlp_layernorm",
+                                                                        "final_layernorm"))}
+        return {"layer_spec": tower.layer_spec, "norms": sorted({type(m).__name__ for m in norms.values()}),
+                "norm_names": sorted(norms), "norm_dtypes": sorted({str(p.dtype) for m in norms.values()
+                                                                    for p in m.parameters()}),
+                "core_attention": sorted({type(m).__name__ for n, m in tower.named_modules()
+                                          if n.endswith("core_attention")}),
+                "rmsnorm": registry.resolve("rmsnorm").name, "spec": registry.resolve("megatron_layer_spec").name}
+
+    out = {"cpu": facts(build_text_tower(cfg, params_dtype=torch.bfloat16))}
+    sys.modules.update(_fake_apex_modules())
+    registry._cuda = lambda: (True, "CUDA device Fake GPU")  # this process only (spawned)
+    registry._present = lambda module: module == "apex"
+    out["apex"] = facts(build_text_tower(cfg, params_dtype=torch.bfloat16))
+    return out
+
+
+def test_llm_tower_builds_the_reported_spec_and_norms() -> None:
+    result = run_on_ranks(_llm_tower_worker, 1)[0]
+    cpu, apex = result["cpu"], result["apex"]
+    assert len(cpu["norm_names"]) == 5 and "decoder.final_layernorm" in cpu["norm_names"]  # 2 layers x 2 + final
+    assert cpu["layer_spec"] == cpu["spec"] == "local" and cpu["core_attention"] == ["DotProductAttention"]
+    assert cpu["rmsnorm"] == "torch.nn.RMSNorm" and cpu["norms"] == ["RMSNorm"]
+    assert cpu["norm_dtypes"] == ["torch.bfloat16"]  # in the tower's dtype, as megatron's fused norms are
+    # Every norm, the final one included (megatron would pick that one by what is installed), is the registry's.
+    assert apex["rmsnorm"] == "apex.FusedRMSNorm" and apex["norms"] == ["FakeFusedRMSNorm"]
+    assert apex["layer_spec"] == apex["spec"] == "local" and apex["norm_dtypes"] == ["torch.bfloat16"]
 
 
 # --- the reference factories equal torch's own ---------------------------------------------------------------------
@@ -185,30 +361,6 @@ def test_build_layernorm_and_rmsnorm_match_torch() -> None:
     nn.init.normal_(rmsnorm.weight)
     manual = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * rmsnorm.weight
     torch.testing.assert_close(rmsnorm(x), manual, rtol=1e-6, atol=1e-6)
-
-
-def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_attention_equals_explicit_softmax(masked: bool) -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 9, 16, generator=gen) for _ in range(3))
-    mask = None
-    if masked:  # a key-padding mask: the last 4 keys of sample 1 are padding
-        mask = torch.ones(2, 1, 9, 9, dtype=torch.bool)
-        mask[1, ..., 5:] = False
-    out = kernels.attention(q, k, v, mask=mask)
-    assert (out - _explicit_attention(q, k, v, mask)).abs().max() <= 1e-6
-    if masked:  # padded keys really are ignored: changing their values changes nothing
-        v2 = v.clone()
-        v2[1, :, 5:] = 100.0
-        assert (kernels.attention(q, k, v2, mask=mask)[1] - out[1]).abs().max() <= 1e-6
 
 
 def test_build_optimizer_is_torch_adamw_and_steps() -> None:
@@ -232,72 +384,64 @@ def test_build_optimizer_is_torch_adamw_and_steps() -> None:
 # --- tooling: the numerics script and `llm2clip-scale env` ---------------------------------------------------------
 
 
-def _numerics_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_fused_numerics", ROOT / "tools" / "check_fused_numerics.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def test_numerics_script_covers_every_slot_training_uses() -> None:
+    assert set(tool.COMPARED) | {"megatron_layer_spec"} == set(kernels.SLOTS)  # that one: first_gpu_check te_vs_local
 
 
-def test_numerics_script_runs_the_cpu_self_check(capsys: pytest.CaptureFixture[str]) -> None:
-    tool = _numerics_tool()
+def test_numerics_script_runs_on_cpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Two of the vision families here (all four: the test above, and the tool itself); norms and AdamW are the
+    # reference on a CPU, compared with themselves; the attention rows are a real SDPA-vs-unfused comparison.
+    monkeypatch.setattr(tool, "TOWERS", {k: tool.TOWERS[k] for k in ("vit_tiny", "so400m")})
     assert tool.main(["--steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "fused path unavailable" in out and "FAIL" not in out
+    assert "FAIL" not in out and "check_fused_numerics on cpu" in out and "28/28 passed" in out
     for slot in tool.COMPARED:
         assert f"\n{slot} " in out
-    assert out.count("PASS") == 32
+    for key in ("vit_tiny", "so400m"):
+        assert sum(line.startswith(f"attention  sdpa {key} ") for line in out.splitlines()) == 6  # 3 x fp32, bf16
+    assert "reference here (compared with itself): layernorm, rmsnorm, adamw" in out
 
 
-def test_numerics_script_flags_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    tool = _numerics_tool()
-    cpu = torch.device("cpu")
+def test_numerics_script_flags_wrong_kernels(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     # A "fused" LayerNorm with the wrong epsilon: the comparison must notice.
     rows = tool.compare_norm("layernorm", "wrong-eps", lambda: nn.LayerNorm(1024, eps=0.5),
-                             lambda: nn.LayerNorm(1024, eps=1e-5), cpu, torch.float32, dim=1024)
+                             lambda: nn.LayerNorm(1024, eps=1e-5), CPU, torch.float32, dim=1024)
     assert not rows[0].passed and rows[0].quantity == "forward"
-    # An attention that ignores the mask passes without one and fails with it.
-    ignores_mask = lambda q, k, v, mask=None: kernels.attention(q, k, v)  # noqa: E731
-    reference = lambda q, k, v, mask=None: kernels.attention(q, k, v, mask=mask, force_reference=True)  # noqa: E731
-    assert all(r.passed for r in tool.compare_attention("x", ignores_mask, reference, cpu, torch.float32, False))
-    assert not any(r.passed for r in tool.compare_attention("x", ignores_mask, reference, cpu, torch.float32, True))
+    # A fused attention kernel that forgets the 1/sqrt(d) scale fails against timm's unfused path.
+    tower, image_size = tool.vision_tower("vit_tiny", CPU, torch.float32)
+    reference = tool.timm_reference(tower)
+    real = F.scaled_dot_product_attention
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: real(q, k, v, **{**kw, "scale": 1.0}))
+        bad = tool.compare_tower_attention("unscaled", copy.deepcopy(tower), reference, image_size, CPU, torch.float32)
+    assert not any(r.passed for r in bad)
     # An AdamW without weight decay drifts from the reference trajectory.
     no_decay = lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)  # noqa: E731
-    assert not tool.compare_adamw("x", no_decay, tool._adamw(True), cpu, torch.float32, steps=3)[0].passed
+    assert not tool.compare_adamw("x", no_decay, tool._adamw(True), CPU, torch.float32, steps=3)[0].passed
     # ... and main() exits non-zero on any FAIL.
     monkeypatch.setattr(tool, "run_checks", lambda *args, **kwargs: rows)
     assert tool.main([]) == 1
     assert "FAILED" in capsys.readouterr().out
 
 
-def test_numerics_fused_branch_runs_with_sdpa_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    # With CUDA faked, attention resolves to "sdpa_flash": on CPU that is torch's own dispatch (its CPU flash kernel),
-    # so the fused-vs-reference branch of the script really compares two different kernels here.
-    tool = _numerics_tool()
-    real_resolve_all = tool.resolve_all
-    with monkeypatch.context() as fake:  # a faked CUDA must not leak into torch's own optimizer/device code
-        _fake(fake, set())
-        faked = kernels.resolve_all()
-        kernels.attention(*(torch.randn(1, 1, 2, 4) for _ in range(3)))  # caches the fused attention choice
-    monkeypatch.setattr(tool, "resolve_all", lambda force_reference=None: real_resolve_all(True) if force_reference
-                        else faked)
-    rows = tool.run_checks(torch.device("cpu"), use_fused=True, steps=3)
-    assert {r.slot for r in rows} == {"attention", "adamw"}  # the norms resolve to the reference: not compared
-    attention_rows = [r for r in rows if r.slot == "attention"]
-    assert all(r.impl == "sdpa_flash" and r.passed for r in attention_rows)
-    assert any(r.max_abs > 0 for r in attention_rows), "expected two different kernels, not one compared with itself"
+def test_numerics_script_follows_the_registry_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.DISABLE_ENV, "attention")  # what training then runs is what the tool compares
+    rows = tool.run_checks(CPU, kernels.resolve_all(), steps=2, towers=("vit_tiny",))
+    attention = [r for r in rows if r.slot == "attention"]
+    assert attention and all(r.impl == "timm.explicit vit_tiny (self-check)" and r.max_abs == 0 for r in attention)
 
 
 def test_env_command_prints_every_slot(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU report, also on a GPU runner
     assert cli.main(["env"]) == 0
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
     for slot, choice in kernels.resolve_all().items():
-        line = next(line for line in out.splitlines() if line.strip().startswith(slot))
-        assert choice.name in line and choice.reason in line and "reference" in line
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(slot))
+        assert choice.name in lines[at] and choice.reason in lines[at]
+        assert ("fused" if choice.fused else "reference") in lines[at]
+        assert lines[at + 1].strip() == f"-> {choice.runs}"
+    out = "\n".join(lines)
     for text in ("distributed          gloo", "megatron-core", "deepspeed", "timm", "transformers", "webdataset"):
         assert text in out
 
@@ -305,4 +449,5 @@ def test_env_command_prints_every_slot(capsys: pytest.CaptureFixture[str], monke
     report = json.loads(capsys.readouterr().out)
     assert report["distributed_backend"] == "gloo" and report["device"]["cuda_available"] is False
     assert set(report["kernels"]) == set(kernels.SLOTS)
+    assert report["kernels"]["attention"]["runs"] == kernels.resolve("attention").runs
     assert report["versions"]["torch"] == torch.__version__.split("+")[0]

@@ -1,4 +1,5 @@
-"""Fused kernels where present, torch references otherwise: see ``registry``; ``llm2clip-scale env`` reports both."""
+"""Fused kernels where present, torch references otherwise: see ``registry``; ``llm2clip-scale env`` reports, per
+slot, the implementation training runs, where it runs and why."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from llm2clip_scale.kernels.registry import (
     DISABLE_ENV,
     SLOTS,
     KernelChoice,
-    attention,
     build_layernorm,
     build_optimizer,
     build_rmsnorm,
-    clear_cache,
     megatron_layer_spec_name,
     resolve,
     resolve_all,
@@ -25,11 +24,9 @@ __all__ = [
     "DISABLE_ENV",
     "SLOTS",
     "KernelChoice",
-    "attention",
     "build_layernorm",
     "build_optimizer",
     "build_rmsnorm",
-    "clear_cache",
     "environment",
     "format_environment",
     "megatron_layer_spec_name",
@@ -78,8 +75,9 @@ def format_environment(env: dict[str, Any]) -> str:
     lines.append(f"  distributed          {env['distributed_backend']}")
     lines.append("versions")
     lines += [f"  {dist:<21}{version}" for dist, version in env["versions"].items()]
-    lines.append("kernels")
+    lines.append("kernels (slot, implementation, fused or reference: why; then what training runs with it)")
     width = max(len(k["name"]) for k in env["kernels"].values())
     for slot, k in env["kernels"].items():
         lines.append(f"  {slot:<21}{k['name']:<{width}}  {'fused    ' if k['fused'] else 'reference'}  {k['reason']}")
+        lines.append(f"  {'':<21}-> {k['runs']}")
     return "\n".join(lines)

@@ -1,13 +1,19 @@
 """One registry deciding, per kernel slot, whether a fused implementation or the torch reference runs.
 
-Detection only asks ``importlib.util.find_spec`` and ``torch.cuda`` (never imports apex / Transformer Engine /
-flash-attn), and never raises: a broken probe means "reference". ``LLM2CLIP_DISABLE_FUSED`` (``1``/``all``, or a
-comma list of slots) or ``force_reference=True`` pins the reference, which is how numerics are compared.
+Every slot is applied by the training path named in ``WHERE`` (and nowhere else): ``layernorm`` by the adapter
+(``build_layernorm``), ``rmsnorm`` by the LLM tower's local layer spec (``build_rmsnorm`` through
+``models/llm/tower.py``), ``adamw`` by every optimizer (``build_optimizer``), ``attention`` by the vision tower (timm's
+fused-attention flag, set per build in ``models/vision/timm_tower.py``), ``megatron_layer_spec`` by the LLM tower
+(``layer_spec_name``). ``tests/test_kernels.py`` checks that each builds what its report says.
+
+Detection only asks ``importlib.util.find_spec``, ``torch.cuda`` and ``torch.backends`` (never imports apex /
+Transformer Engine / timm), and never raises: a broken probe means "reference". ``LLM2CLIP_DISABLE_FUSED`` (``1``/
+``all``, or a comma list of slots) or ``force_reference=True`` pins the reference, which is how numerics are compared.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -16,14 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 DISABLE_ENV = "LLM2CLIP_DISABLE_FUSED"
 SLOTS = ("layernorm", "rmsnorm", "adamw", "attention", "megatron_layer_spec")
-FLASH_MIN_CAPABILITY = (8, 0)  # FlashAttention-2 (package and SDPA backend) needs Ampere or newer
+FLASH_MIN_CAPABILITY = (8, 0)  # torch SDPA's flash backend (FlashAttention-2) needs Ampere or newer
+TIMM_FUSED_ATTN_ENV = "TIMM_FUSED_ATTN"  # timm's own switch (timm/layers/config.py): "0" turns its SDPA path off
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,8 @@ class KernelChoice:
     slot: str
     name: str
     fused: bool
-    reason: str
+    reason: str  # why this implementation: what is installed, the device, an override
+    runs: str = ""  # where training applies it and what that executes (WHERE, WHAT)
 
 
 def _present(module: str) -> bool:
@@ -59,29 +66,54 @@ def _disabled(slot: str, force_reference: bool | None) -> str | None:
     return None
 
 
-# Fused candidates per slot, best first: (name, package that provides it; "torch" is always there). All are CUDA
-# kernels. Attention has its own rules (capability, SDPA backend switches) in _resolve_attention.
+# Fused candidates per slot, best first: (name, package that provides it; "torch" is always there). All but attention
+# are CUDA kernels. Attention (torch SDPA under timm, on any device) has its own rules in _resolve_attention.
 CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
     "layernorm": (("apex.FusedLayerNorm", "apex"), ("te.LayerNorm", "transformer_engine")),
     "rmsnorm": (("apex.FusedRMSNorm", "apex"), ("te.RMSNorm", "transformer_engine")),
-    "adamw": (("apex.FusedAdam", "apex"), ("deepspeed.FusedAdam", "deepspeed"), ("torch.AdamW(fused)", "torch")),
-    "attention": (("flash_attn", "flash_attn"), ("sdpa_flash", "torch"), ("sdpa_efficient", "torch")),
+    # torch's own fused AdamW only: it ships compiled with torch, where DeepSpeed's FusedAdam is JIT-built by every
+    # rank at start-up (minutes, a compiler on every node) and apex's needs a matching build; all three run the same
+    # multi-tensor update.
+    "adamw": (("torch.AdamW(fused)", "torch"),),
+    "attention": (("sdpa", "torch"),),
     "megatron_layer_spec": (("transformer_engine", "transformer_engine"),),
 }
 REFERENCE = {"layernorm": "torch.nn.LayerNorm", "rmsnorm": "torch.nn.RMSNorm", "adamw": "torch.optim.AdamW",
-             "attention": "sdpa_math", "megatron_layer_spec": "local"}
+             "attention": "timm.explicit", "megatron_layer_spec": "local"}
+# The training code each slot drives. Nothing else consults the registry: timm's own norms in the vision tower, and
+# the LLM's attention under the local spec, are not switchable kernels here and are not reported as if they were.
+WHERE = {
+    "layernorm": "adapter LayerNorms (models/adapter.py)",
+    "rmsnorm": "LLM tower RMSNorms (input, pre-MLP, final) under megatron's local spec",
+    "adamw": "every optimizer (DeepSpeed's client optimizer, stage-1 LoRA, MNTP)",
+    "attention": "vision tower attention (timm blocks, attention pool)",
+    "megatron_layer_spec": "LLM tower layers (layer_spec auto; a tower with LoRA takes local)",
+}
+WHAT = {
+    "sdpa": "timm calls F.scaled_dot_product_attention",
+    "timm.explicit": "timm's unfused softmax(q k^T) v",
+    "local": "megatron DotProductAttention (unfused softmax in torch ops), norms of the rmsnorm slot",
+    "transformer_engine": "TE DotProductAttention (flash / cuDNN fused, TE's pick), TE RMSNorm fused into the linears",
+}
 
 
 def resolve(slot: str, force_reference: bool | None = None) -> KernelChoice:
-    """The implementation ``slot`` uses here, with the reason; candidates are tried best first."""
+    """The implementation ``slot`` uses here, with the reason and what training runs with it."""
     if slot not in SLOTS:
         raise KeyError(f"unknown kernel slot {slot!r}; known: {', '.join(SLOTS)}")
+    choice = _choose(slot, force_reference)
+    what = WHAT.get(choice.name)
+    return dataclasses.replace(choice, runs=f"{WHERE[slot]}: {what}" if what else WHERE[slot])
+
+
+def _choose(slot: str, force_reference: bool | None) -> KernelChoice:
+    """Candidates best first; the first one installed wins on a CUDA device."""
     disabled = _disabled(slot, force_reference)
     if disabled:
         return KernelChoice(slot, REFERENCE[slot], False, disabled)
     cuda, cuda_why = _cuda()
     if slot == "attention":
-        return _resolve_attention(cuda, cuda_why, _present("flash_attn"))
+        return _resolve_attention(cuda, cuda_why)
     present = [(name, pkg) for name, pkg in CANDIDATES[slot] if pkg == "torch" or _present(pkg)]
     if present and cuda:
         name, pkg = present[0]
@@ -92,30 +124,37 @@ def resolve(slot: str, force_reference: bool | None = None) -> KernelChoice:
     return KernelChoice(slot, REFERENCE[slot], False, "; ".join(reasons))
 
 
-def _resolve_attention(cuda: bool, cuda_why: str, has_flash_attn: bool) -> KernelChoice:
+def _resolve_attention(cuda: bool, cuda_why: str) -> KernelChoice:
+    """timm's attention modules call F.scaled_dot_product_attention when timm's fused-attention flag is on (the
+    vision tower sets it from this choice); torch then picks the kernel per call, which the reason predicts."""
+    timm_flag = os.environ.get(TIMM_FUSED_ATTN_ENV, "").strip()
+    if timm_flag and timm_flag.lstrip("-").isdigit() and int(timm_flag) <= 0:  # timm's own parse: int(), 0 = off
+        return KernelChoice("attention", "timm.explicit", False, f"{TIMM_FUSED_ATTN_ENV}={timm_flag} set")
     if not cuda:
-        why = cuda_why if has_flash_attn else f"flash_attn not installed; {cuda_why}"
-        return KernelChoice("attention", "sdpa_math", False, why)
+        return KernelChoice("attention", "sdpa", True, f"{cuda_why}: torch's flash-attention CPU kernel")
     try:
         capability = torch.cuda.get_device_capability(0)
         flash_on = torch.backends.cuda.flash_sdp_enabled()
         efficient_on = torch.backends.cuda.mem_efficient_sdp_enabled()
     except Exception as err:  # only a broken driver gets here; it must not stop the run
-        return KernelChoice("attention", "sdpa_math", False, f"CUDA probe failed ({err})")
+        return KernelChoice("attention", "sdpa", False, f"CUDA probe failed ({err}): torch's math kernel")
     cap = f"{capability[0]}.{capability[1]}"
-    if capability < FLASH_MIN_CAPABILITY:
-        why = f"CUDA capability {cap} < 8.0 required by flash attention"
-        if efficient_on:
-            return KernelChoice("attention", "sdpa_efficient", True, why)
-        return KernelChoice("attention", "sdpa_math", False, f"{why}; SDPA mem-efficient backend disabled")
-    if has_flash_attn:
-        return KernelChoice("attention", "flash_attn", True, f"flash_attn installed, CUDA capability {cap}")
-    if flash_on:
-        why = f"flash_attn not installed; torch SDPA flash, CUDA capability {cap}"
-        return KernelChoice("attention", "sdpa_flash", True, why)
+    kernels = []  # torch's default priority: flash, mem-efficient, math (cuDNN only after math)
+    if flash_on and capability >= FLASH_MIN_CAPABILITY:
+        kernels.append("flash (fp16/bf16)")
     if efficient_on:
-        return KernelChoice("attention", "sdpa_efficient", True, "SDPA flash backend disabled in torch")
-    return KernelChoice("attention", "sdpa_math", False, "SDPA flash and mem-efficient backends disabled in torch")
+        kernels.append("mem-efficient")
+    notes = []
+    if capability < FLASH_MIN_CAPABILITY:
+        notes.append(f"CUDA capability {cap} < 8.0 required by flash attention")
+    elif not flash_on:
+        notes.append("SDPA flash backend disabled in torch")
+    if not efficient_on:
+        notes.append("SDPA mem-efficient backend disabled in torch")
+    if not kernels:
+        return KernelChoice("attention", "sdpa", False, "; ".join(notes) + ": torch's math kernel")
+    dispatch = f"torch dispatches per call to {', else '.join(kernels)}, else math"
+    return KernelChoice("attention", "sdpa", True, "; ".join([f"CUDA capability {cap}", *notes, dispatch]))
 
 
 def resolve_all(force_reference: bool | None = None) -> dict[str, KernelChoice]:
@@ -150,18 +189,6 @@ def build_rmsnorm(dim: int, eps: float = 1e-6, force_reference: bool | None = No
     return _norm("rmsnorm", dim, eps, force_reference)
 
 
-def _fused_adamw(name: str) -> type[torch.optim.Optimizer] | None:
-    if name == "apex.FusedAdam":
-        from apex.optimizers import FusedAdam
-
-        return FusedAdam
-    if name == "deepspeed.FusedAdam":
-        from deepspeed.ops.adam import FusedAdam as DSFusedAdam
-
-        return DSFusedAdam
-    return None
-
-
 def build_optimizer(param_groups: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8, weight_decay: float = 0.0,
                     force_reference: bool | None = None) -> torch.optim.Optimizer:
@@ -170,46 +197,10 @@ def build_optimizer(param_groups: Iterable[Any], lr: float, betas: tuple[float, 
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     choice = resolve("adamw", force_reference)
     kwargs: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if choice.fused and params and all(p.is_cuda for p in params):  # every fused AdamW is a CUDA kernel
-        names = [name for name, _ in CANDIDATES["adamw"]]
-        for name in names[names.index(choice.name):]:  # the chosen one, then the next best
-            try:
-                fused = _fused_adamw(name)
-                if fused is not None:
-                    return fused(groups, adam_w_mode=True, **kwargs)
-                return torch.optim.AdamW(groups, fused=True, **kwargs)
-            except Exception as err:  # e.g. DeepSpeed cannot JIT-build its op on this node
-                log.warning("%s unusable (%s); trying the next AdamW", name, err)
+    if choice.fused and params and all(p.is_cuda for p in params):  # torch's fused AdamW is a CUDA kernel
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     # foreach=False: the plain per-tensor loop is the reference the fused kernels are checked against.
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
-
-
-@functools.lru_cache(maxsize=4)
-def _attention_choice(force_reference: bool, env: str) -> KernelChoice:  # env keys the cache on the override
-    return resolve("attention", force_reference)
-
-
-def clear_cache() -> None:
-    """Forget the cached attention choice (tests that fake devices or packages)."""
-    _attention_choice.cache_clear()
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              dropout: float = 0.0, force_reference: bool | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) [+ mask]) v over [batch, heads, seq, head_dim]; a boolean mask is True = attend."""
-    choice = _attention_choice(bool(force_reference), os.environ.get(DISABLE_ENV, ""))
-    if choice.name == "flash_attn" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        from flash_attn import flash_attn_func
-
-        # flash-attn takes [batch, seq, heads, head_dim] and supports no arbitrary mask (those go through SDPA).
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout)
-        return out.transpose(1, 2)
-    if choice.fused:  # torch dispatches to flash / mem-efficient whenever the inputs allow
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):  # the unfused softmax(QK^T)V: the numerics reference, and CPU-exact
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 def megatron_layer_spec_name(force_reference: bool | None = None) -> str:

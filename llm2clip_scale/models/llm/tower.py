@@ -31,12 +31,16 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch import Tensor
+from torch import Tensor, nn
 
 from llm2clip_scale.config.schema import LLMConfig
-from llm2clip_scale.kernels import megatron_layer_spec_name
+from llm2clip_scale.kernels import build_rmsnorm, megatron_layer_spec_name
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +109,34 @@ def layer_spec_name(cfg: LLMConfig) -> str:
     return chosen
 
 
+class RegistryRMSNorm:
+    """megatron's norm interface ``(config, hidden_size, eps)`` over the kernel registry's ``rmsnorm`` choice: apex's
+    or TE's fused RMSNorm on a GPU node that has them, else torch.nn.RMSNorm (what megatron's WrappedTorchNorm
+    builds). Parameters in the tower's dtype, as megatron's own fused norms (TENorm, FusedLayerNorm) hold them: a
+    bf16 input beside an fp32 weight would also keep torch off its fused rms_norm. Only frozen towers and LoRA train
+    here, so a bf16 norm weight never takes updates."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> nn.Module:
+        return build_rmsnorm(hidden_size, eps=eps).to(dtype=config.params_dtype)
+
+
+def _block_spec(choice: str, bidirectional: bool, config: TransformerConfig) -> TransformerBlockSubmodules:
+    """The decoder block: this pipeline stage's layers and the final norm, both following ``choice``. Handing
+    megatron a layer spec alone would let it pick the final norm by what is installed, not by the spec: TENorm
+    whenever TE imports (also under the local spec), apex's FusedLayerNorm with apex alone (which rejects RMSNorm)."""
+    if choice == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm: type = TENorm
+    else:
+        final_norm = RegistryRMSNorm
+    layer = _layer_spec(choice, bidirectional)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm)
+
+
 def _layer_spec(choice: str, bidirectional: bool) -> ModuleSpec:
-    """Megatron's layer spec by name, with the attention mask type the tower's masks are built for."""
+    """Megatron's layer spec by name, with the attention mask type the tower's masks are built for; the local spec's
+    norms are the kernel registry's (``RegistryRMSNorm``), the TE spec's are TE's, fused into the linears."""
     if choice == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -115,6 +145,7 @@ def _layer_spec(choice: str, bidirectional: bool) -> ModuleSpec:
         mask_type = AttnMaskType.padding if bidirectional else AttnMaskType.padding_causal
     elif choice == "local":
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RegistryRMSNorm
         # "padding" makes the softmax always honour our explicit (b, 1, L, L) mask; with "causal" megatron's fused
         # CUDA kernel would apply its own triangle and ignore the mask, i.e. attend to padding and never be
         # bidirectional.
@@ -209,7 +240,7 @@ class LLMTextEncoder(MegatronModule):
             )
         self.decoder = TransformerBlock(
             config=config,
-            spec=_layer_spec(self.layer_spec, cfg.bidirectional),
+            spec=_block_spec(self.layer_spec, cfg.bidirectional, config),
             post_layer_norm=True,
             pre_process=pre_process,
             post_process=post_process,

@@ -7,20 +7,23 @@ projection, so the trunk is built with ``num_classes=0`` (pooled features out) a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import set_fused_attn, use_fused_attn
 from timm.models import group_parameters
 from timm.models._manipulate import group_with_matcher, reinit_non_persistent_buffers
 from timm.optim._param_groups import auto_group_layers
 from torch import nn
 
 from llm2clip_scale.config.schema import VisionConfig
+from llm2clip_scale.kernels import resolve
 from llm2clip_scale.models.vision.pretrained import LoadReport, load_pretrained_trunk
 
 logger = logging.getLogger(__name__)
@@ -213,9 +216,39 @@ def _timm_kwargs(cfg: VisionConfig) -> dict:
     return kwargs
 
 
-def _create_trunk(name: str, kwargs: dict) -> nn.Module:
+@contextlib.contextmanager
+def _timm_fused_attention(enable: bool) -> Iterator[None]:
+    """timm's fused-attention flag for one build. Each timm attention module reads the flag once, in its constructor
+    (``self.fused_attn = use_fused_attn()``), so setting it around ``create_model`` decides the whole trunk; it is
+    restored after, so nothing else in the process (open_clip references, tools) is affected. Turning it on keeps
+    a setting timm already has on, including ``TIMM_FUSED_ATTN=2`` (its experimental modules too)."""
+    previous = 2 if use_fused_attn(experimental=True) else 1 if use_fused_attn() else 0
+    if not enable:
+        set_fused_attn(False)
+    elif not previous:
+        set_fused_attn(True)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        yield
+    finally:
+        set_fused_attn(previous > 0, experimental=previous == 2)
+
+
+def attention_modules(module: nn.Module) -> dict[str, bool]:
+    """Qualified name -> ``fused_attn`` of every timm attention module (the attribute timm's forward branches on)."""
+    return {n: m.fused_attn for n, m in module.named_modules() if isinstance(getattr(m, "fused_attn", None), bool)}
+
+
+def _create_trunk(name: str, kwargs: dict) -> nn.Module:
+    # The kernel registry's attention choice (``llm2clip-scale env``): "sdpa" makes timm call
+    # F.scaled_dot_product_attention, the reference ("timm.explicit") its unfused softmax(q k^T) v.
+    choice = resolve("attention")
+    try:
+        with _timm_fused_attention(choice.name == "sdpa"):
+            trunk = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        modules = attention_modules(trunk)
+        logger.info("vision tower %s: %d of %d timm attention modules call F.scaled_dot_product_attention (kernel "
+                    "registry: %s, %s)", name, sum(modules.values()), len(modules), choice.name, choice.reason)
+        return trunk
     except TypeError as e:
         if "patch_drop_rate" in kwargs and "patch_drop_rate" in str(e):
             raise ValueError(f"timm model {name!r} does not support patch_dropout") from e
