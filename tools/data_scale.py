@@ -6,14 +6,17 @@ loader rate that keeps a GPU busy. docs/SCALE.md is this tool's output with the 
 
 Measured inputs (defaults: this machine, commands in docs/SCALE.md) are per CPU core: shard build, validation and
 loader rates and the bytes of one built sample. Stated inputs are hardware figures (GPU peak, the MFU a run reaches,
-cores per node, filesystem bandwidth). Vision FLOPs come from the timm model's real parameter count (built on the meta
-device, no weights) and its token count; LLM FLOPs from 2 x parameters per token.
+cores per node, filesystem bandwidth). Vision FLOPs come from the project's FLOP model
+(llm2clip_scale/metrics/flops.py: the timm model built on the meta device, each matmul with the tokens it sees, plus
+attention); LLM FLOPs from 2 x parameters per token.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+
+from llm2clip_scale.metrics.flops import vision_forward_flops
 
 TB = 1e12
 TAR_BLOCK = 512
@@ -29,32 +32,17 @@ def sidecar_bytes_per_caption(width: int, dtype_bytes: int) -> int:
     return tar_member_bytes(128 + width * dtype_bytes)
 
 
-def vision_flops_per_image(name: str, image_size: int | None) -> tuple[float, int, int]:
-    """(forward FLOPs, parameters, tokens) of a timm vision tower: 2·P·T for the matmuls + 4·L·T²·d for attention."""
-    import timm
-    import torch
-
-    with torch.device("meta"):
-        kwargs = {"img_size": image_size} if image_size else {}
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    params = sum(p.numel() for p in model.parameters())
-    patch = model.patch_embed
-    tokens = int(math.prod(patch.grid_size)) + getattr(model, "num_prefix_tokens", 0)
-    depth, width = len(model.blocks), model.embed_dim
-    return 2.0 * params * tokens + 4.0 * depth * tokens**2 * width, params, tokens
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=float, default=150e6, help="image-caption samples (LLM2CLIP: ~15M; x10)")
     p.add_argument("--caption-tokens", default="raw=24,short=64,long=192",
                    help="caption fields and their mean token counts (each embedded once offline)")
     p.add_argument("--samples-per-shard", type=int, default=10_000)
-    p.add_argument("--bytes-per-sample", type=float, default=62e3,
+    p.add_argument("--bytes-per-sample", type=float, default=135e3,
                    help="one built sample (JPEG + json + tar headers); measured, see docs/SCALE.md")
-    p.add_argument("--build-rate", type=float, default=40.0, help="build_shards samples/s per CPU core (measured)")
-    p.add_argument("--validate-rate", type=float, default=120.0, help="validate_shards samples/s per core (measured)")
-    p.add_argument("--loader-rate", type=float, default=60.0,
+    p.add_argument("--build-rate", type=float, default=170.0, help="build_shards samples/s per CPU core (measured)")
+    p.add_argument("--validate-rate", type=float, default=400.0, help="validate_shards samples/s per core (measured)")
+    p.add_argument("--loader-rate", type=float, default=95.0,
                    help="training loader samples/s per worker core at the tower's image size (measured)")
     p.add_argument("--cores-per-node", type=int, default=96, help="CPU cores of one node (stated)")
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -101,7 +89,7 @@ def report(args: argparse.Namespace) -> str:
 
     llm_tokens = images * sum(fields.values())
     llm_flops = 2.0 * args.llm_params * llm_tokens
-    vision_fwd, vision_params, tokens = vision_flops_per_image(args.vision, args.image_size)
+    vision_fwd, vision_params, tokens = vision_forward_flops(args.vision, args.image_size)
     vision_train = 3.0 * vision_fwd  # forward + backward (2x): model FLOPs, without recomputation
     per_gpu = args.gpu_tflops * 1e12 * args.mfu / vision_train
     vision_gpu_h = args.epochs * images / per_gpu / 3600
