@@ -21,7 +21,8 @@ from llm2clip_scale.losses.tiled import tiled_clip_loss
 from tests.multiprocess import run_on_ranks
 
 LOCAL_BATCH, DIM, SCALE, BIAS = 4, 8, 10.0, -5.0
-UNEVEN_BATCHES = (3, 5)  # per-rank batch sizes of the 2-rank uneven SigLIP scenario
+UNEVEN_BATCHES = (3, 5)  # per-rank batch sizes of the 2-rank uneven SigLIP and tiled InfoNCE scenarios
+UNEVEN_TILES = (2, 64)  # row tiles of the uneven tiled scenario: tails on both ranks; one tile above the batch
 NARROW_DIM = 3  # feature width of the saved-tensor check, below every world batch
 DIST_TILE = 3  # does not divide the gathered batch of either world size
 RTOL, ATOL = 1e-5, 1e-7
@@ -139,6 +140,18 @@ def _rank_scenarios(world_size: int) -> dict[str, Any]:
             averaged(weighted).item() * world_size, image_grad, text_grad,
             averaged(scale_grad) * world_size, averaged(bias_grad) * world_size,
         )
+        # Tiled InfoNCE over the same uneven batches: rank 1's rows start at offset 3, not rank * local rows; tiles
+        # of 2 rows leave a 1-row tail on both ranks and a tile above the local batch is one partial tile.
+        for tile in UNEVEN_TILES:
+            local_images = uneven_images[part].clone().requires_grad_(True)
+            local_texts = uneven_texts[part].clone().requires_grad_(True)
+            scale = _leaf(SCALE)
+            # Each local loss is a mean over its rows, so weighting by the row count sums to the global summed loss.
+            weighted = tiled_clip_loss(local_images, local_texts, scale, tile_size=tile) * UNEVEN_BATCHES[rank]
+            image_grad, text_grad, scale_grad = _grads(weighted, local_images, local_texts, scale)
+            out[f"tiled_uneven{tile}"] = (
+                averaged(weighted).item() * world_size, image_grad, text_grad, averaged(scale_grad) * world_size,
+            )
     return out
 
 
@@ -203,6 +216,27 @@ def test_siglip_ring_uneven_local_batches(ranks: tuple[int, list[dict[str, Any]]
         _assert_close(bias_grad, ref_bias_grad)
 
 
+@pytest.mark.parametrize("ranks", [2], indirect=True, ids=["world2"])  # the uneven scenario runs on 2 ranks only
+@pytest.mark.parametrize("tile", UNEVEN_TILES)
+def test_tiled_infonce_uneven_local_batches(ranks: tuple[int, list[dict[str, Any]]], tile: int) -> None:
+    _, results = ranks
+    images, texts = _features(sum(UNEVEN_BATCHES), seed=1)
+    images.requires_grad_(True)
+    texts.requires_grad_(True)
+    scale = _leaf(SCALE)
+    summed = clip_loss(images, texts, scale) * images.shape[0]
+    ref_image_grad, ref_text_grad, ref_scale_grad = _grads(summed, images, texts, scale)
+    for rank, result in enumerate(results):
+        loss, image_grad, text_grad, scale_grad = result[f"tiled_uneven{tile}"]
+        start = sum(UNEVEN_BATCHES[:rank])
+        part = slice(start, start + UNEVEN_BATCHES[rank])
+        _assert_close(loss, summed.item())
+        _assert_close(image_grad, ref_image_grad[part])
+        _assert_close(text_grad, ref_text_grad[part])
+        _assert_close(scale_grad, ref_scale_grad)
+    assert ref_text_grad.abs().sum(dim=-1).min() > 0 and ref_scale_grad.abs() > 0
+
+
 def test_tiled_infonce_on_ranks_equals_global_batch_loss(ranks: tuple[int, list[dict[str, Any]]]) -> None:
     world_size, results = ranks
     images, texts = _features(world_size * LOCAL_BATCH)
@@ -254,6 +288,46 @@ def test_tiled_infonce_matches_clip_loss(tile_size: int, scale_shape: tuple[int,
     _assert_close(tiled, ref)
     for got, want in zip(_grads(tiled, images, texts, scale), _grads(ref, images, texts, scale)):
         assert got.shape == want.shape
+        _assert_close(got, want)
+
+
+def test_tiled_infonce_applies_upstream_gradient() -> None:
+    # The gradients are formed in forward; backward must still scale them by whatever multiplies the loss, and a
+    # frozen side (no key gradient wanted) must not change the other side's gradient.
+    images, texts = _features(7, seed=2)
+    images.requires_grad_(True)
+    scale = _leaf(SCALE)
+    ref = -2.5 * clip_loss(images, texts, scale) + images.sum()
+    tiled = -2.5 * tiled_clip_loss(images, texts, scale, tile_size=3) + images.sum()
+    _assert_close(tiled, ref)
+    for got, want in zip(_grads(tiled, images, scale), _grads(ref, images, scale)):
+        _assert_close(got, want)
+
+
+def test_tiled_infonce_bf16_inputs_and_autocast() -> None:
+    images, texts = _features(9, seed=3)
+    # bf16 features: computed in fp32 from the same values, returned in fp32, gradients in bf16.
+    low = [x.bfloat16().requires_grad_(True) for x in (images, texts)]
+    exact = [x.float().detach().requires_grad_(True) for x in low]
+    scale = _leaf(SCALE)
+    tiled = tiled_clip_loss(*low, scale, tile_size=4)
+    ref = clip_loss(*exact, scale)
+    assert tiled.dtype == torch.float32
+    _assert_close(tiled, ref)
+    for got, want in zip(_grads(tiled, *low), _grads(ref, *exact)):
+        assert got.dtype == torch.bfloat16
+        # A feature's gradient sums its query and key parts, each rounded to bf16 and added in bf16: three roundings
+        # of at most half an ulp (2^-8 relative) of the largest entry.
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=3 * 2**-8 * want.abs().max().item())
+    # fp32 features under bf16 autocast: autocast is off inside, so the result keeps fp32 accuracy (bf16 logits
+    # would be off by ~1e-3 relative).
+    fp32 = [x.clone().requires_grad_(True) for x in (images, texts)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiled = tiled_clip_loss(*fp32, scale, tile_size=4)
+    ref_inputs = [x.clone().requires_grad_(True) for x in (images, texts)]
+    ref = clip_loss(*ref_inputs, scale)
+    _assert_close(tiled, ref)
+    for got, want in zip(_grads(tiled, *fp32, scale), _grads(ref, *ref_inputs, scale)):
         _assert_close(got, want)
 
 

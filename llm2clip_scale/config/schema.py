@@ -187,7 +187,7 @@ class TrainConfig:
     micro_batch: int = 64  # samples per rank per forward/backward
     precision: str = "bf16"  # fp32 | bf16
     loss: str = "infonce"  # infonce | infonce_tiled | siglip
-    loss_tile_size: int = 4096  # columns per tile for infonce_tiled
+    loss_tile_size: int = 1024  # local rows per tile for infonce_tiled (a tile x global-batch fp32 block)
     # ProCLIP stage 2: loss += self_distill_weight * [MSE + smoothL1(pdist)] against an EMA teacher of the image
     # encoder (0 = plain LLM2CLIP stage 2).
     self_distill_weight: float = 0.0

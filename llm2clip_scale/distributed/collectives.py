@@ -1,40 +1,81 @@
-"""Collectives the libraries do not offer in the shape we need: all-gather of rows when ranks hold different counts."""
+"""Collectives the libraries do not offer in the shape we need: all-gather of rows when ranks hold different counts.
+
+Host synchronisation is the cost to watch: on a GPU every read of a device value (``.item()``, ``.tolist()``) waits
+for all the work queued before it. Ranks may hold different row counts (last eval batch, uneven captions), which then
+have to be exchanged and read once; a training step, whose micro-batches have one fixed size on every rank, declares
+so with :func:`equal_row_counts` and its gathers exchange nothing and read nothing (tests/test_step_syncs.py counts).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+_EQUAL_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("llm2clip_equal_rows", default=False)
+
+
+@contextlib.contextmanager
+def equal_row_counts() -> Iterator[None]:
+    """Within this block every rank passes the same number of rows to :func:`all_gather_rows` / :func:`row_counts`.
+
+    The caller vouches for it (a training micro-batch: the loader's stream yields exactly ``train.micro_batch`` rows
+    on every rank); the counts are then not exchanged. A rank breaking the promise makes the collective fail or hang,
+    so evaluation and anything else with uneven rows stays outside.
+    """
+    token = _EQUAL_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _EQUAL_ROWS.reset(token)
+
+
+def row_counts(rows: int, device: torch.device, group: dist.ProcessGroup | None = None,
+               equal_rows: bool | None = None) -> list[int]:
+    """Every rank's row count, in rank order. ``equal_rows`` (default: inside :func:`equal_row_counts`) skips the
+    exchange; otherwise one all-gather and one host read of all counts together."""
+    world = dist.get_world_size(group)
+    if _EQUAL_ROWS.get() if equal_rows is None else equal_rows:
+        return [rows] * world
+    count = torch.tensor([rows], dtype=torch.long, device=device)
+    counts = torch.empty(world, dtype=torch.long, device=device)
+    dist.all_gather_single(counts, count, group=group)
+    return counts.tolist()  # one read for all ranks, not one per rank
+
 
 def all_gather_rows(
-    rows: torch.Tensor, group: dist.ProcessGroup | None = None, differentiable: bool = False
+    rows: torch.Tensor, group: dist.ProcessGroup | None = None, differentiable: bool = False,
+    equal_rows: bool | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Concatenate every rank's ``rows`` along dim 0 in rank order; return them and this rank's row offset.
 
-    Ranks may hold different numbers of rows (last eval batch, uneven captions), which torch's all_gather does not
-    allow, so counts are exchanged first and rows zero-padded for the collective. With ``differentiable`` the
-    gradient of each gathered row flows back to the rank that owns it (summed over the ranks that used it).
+    Ranks may hold different numbers of rows, which torch's all_gather does not allow, so counts are exchanged first
+    and rows zero-padded for the collective — unless ``equal_rows`` (see :func:`row_counts`). With ``differentiable``
+    the gradient of each gathered row flows back to the rank that owns it (summed over the ranks that used it).
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return rows, 0
     world = dist.get_world_size(group)
-    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
-    counts_t = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts_t, count, group=group)
-    counts = [int(c.item()) for c in counts_t]
-    pad = [0, 0] * (rows.dim() - 1) + [0, max(counts) - rows.shape[0]]
-    padded = F.pad(rows, pad)
+    counts = row_counts(rows.shape[0], rows.device, group, equal_rows)
+    longest = max(counts)
+    padded = rows if longest == rows.shape[0] else F.pad(rows, [0, 0] * (rows.dim() - 1) + [0, longest - len(rows)])
     if differentiable:
         # torch's functional collective carries autograd (backward = reduce-scatter of the gradients); it is the
         # replacement torch names for the deprecated torch.distributed.nn.functional.all_gather.
         group = group if group is not None else dist.group.WORLD
-        parts = funcol.all_gather_single(padded.contiguous(), 0, group).chunk(world, dim=0)
+        gathered = funcol.all_gather_single(padded.contiguous(), 0, group)
     else:
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
+        gathered = torch.empty((world * longest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+        dist.all_gather_single(gathered, padded.contiguous(), group=group)
     rank = dist.get_rank(group)
+    if all(n == longest for n in counts):
+        return gathered, rank * longest
+    parts = gathered.split(longest)
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0), sum(counts[:rank])
 
 

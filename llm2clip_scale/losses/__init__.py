@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from llm2clip_scale.losses.contrastive import clip_loss, gather_with_grad
 from llm2clip_scale.losses.siglip import siglip_loss
-from llm2clip_scale.losses.tiled import tiled_clip_loss
+from llm2clip_scale.losses.tiled import DEFAULT_TILE_SIZE, tiled_clip_loss
 
 LOSS_NAMES: tuple[str, ...] = ("infonce", "infonce_tiled", "siglip")
 
@@ -60,9 +60,9 @@ def _siglip(
     return siglip_loss(image_features, text_features, logit_scale, logit_bias, group=group)
 
 
-def build_contrastive_loss(name: str, tile_size: int = 4096) -> ContrastiveLoss:
-    """The loss called ``name``: "infonce" (gathered local-loss InfoNCE), "infonce_tiled" (same, logits tiled over
-    ``tile_size`` gathered columns at a time) or "siglip" (ring-exchanged sigmoid loss)."""
+def build_contrastive_loss(name: str, tile_size: int = DEFAULT_TILE_SIZE) -> ContrastiveLoss:
+    """The loss called ``name``: "infonce" (gathered local-loss InfoNCE), "infonce_tiled" (same, ``tile_size`` local
+    rows at a time, gradients formed in forward) or "siglip" (ring-exchanged sigmoid loss)."""
     if name == "infonce":
         return _without_bias(name, clip_loss)
     if name == "infonce_tiled":

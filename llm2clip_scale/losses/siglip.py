@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llm2clip_scale.distributed.collectives import row_counts
+
 
 def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
     # P2P ops address peers by global rank, whatever group they run in.
@@ -96,10 +98,8 @@ def siglip_loss(
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        size = torch.tensor([text_features.shape[0]], device=text_features.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size, group=group)
-        counts = [int(s.item()) for s in sizes]
+        # Exchanged (one read) unless the caller declared equal batches (collectives.equal_row_counts).
+        counts = row_counts(text_features.shape[0], text_features.device, group)
         send_to = _global_rank(group, (rank + 1) % world)
         recv_from = _global_rank(group, (rank - 1) % world)
         texts = text_features

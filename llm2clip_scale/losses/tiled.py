@@ -1,10 +1,25 @@
-"""Symmetric InfoNCE in local-loss form that never materialises the b x B logit matrix.
+"""Symmetric InfoNCE in local-loss form that never holds the b x B logit matrix, with its gradients formed in forward.
 
-clip_loss keeps two b x B logit matrices (and their softmax) alive for backward; with large global batches that is
-the largest activation of the step. Cross-entropy only needs, per row, the logsumexp over the columns and the positive
-logit. The logsumexp is computed over tiles of at most ``tile_size`` gathered columns, and only the features and the
-b logsumexps are saved; backward recomputes each tile's logits to form the softmax weights. Peak extra memory is one
-b x tile_size block. Value and gradients (features, through the world gather, and logit_scale) equal clip_loss's.
+clip_loss keeps two b x B logit matrices (and their log-softmax) alive for backward; with large global batches that is
+the largest activation of the step. The loss is the last node of the graph, so its gradients need nothing from
+backward but the upstream scalar: each direction (images against the gathered texts, texts against the gathered
+images) runs in forward over blocks of ``tile_size`` local rows. A block's row softmax over all B gathered columns is
+exact (no running statistics), so per block there are the same three matmuls per direction as clip_loss's forward and
+backward, and nothing is recomputed:
+
+    logits  = (scale * Q_blk) @ K.T                       (tile x B, reused buffer)
+    G       = (softmax(logits) - onehot(positives)) / b   (in place)
+    dQ_blk  = scale * G @ K        dK += G.T @ (scale * Q_blk)        dscale += sum(Q_blk * (G @ K))
+
+Only the gradients are saved (b x d for the queries, B x d for the gathered keys, one scalar); backward multiplies them
+by the upstream gradient. What remains of the loss's memory is one tile x B block, the gathered copy of one side at a
+time (the text side is gathered, used and dropped before the image side is gathered) and those gradient buffers.
+Gradients of the gathered keys flow back through the world gather (a reduce-scatter) to the ranks that own them,
+exactly as for clip_loss. Values and gradients equal clip_loss's (tests/test_losses_extra.py).
+
+Arithmetic is in at least fp32 whatever the input dtype and with autocast switched off inside (the training step casts
+features to fp32 before the loss; bf16 logits would make the softmax the least precise part of the step); gradients
+are returned in the inputs' dtypes. The result is not twice differentiable (backward is a product with saved constants).
 """
 
 from __future__ import annotations
@@ -15,28 +30,58 @@ from torch.autograd.function import once_differentiable
 
 from llm2clip_scale.losses.contrastive import gather_with_grad
 
-DEFAULT_TILE_SIZE = 4096
+# Local rows per block: the block is tile_size x B floats (64 MB at 1024 x 16384 in fp32).
+DEFAULT_TILE_SIZE = 1024
 
 
 def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
-    # At least fp32 so bf16/fp16 features do not lose the logsumexp; fp64 stays fp64 (gradcheck).
+    # At least fp32 so bf16/fp16 features do not lose the softmax; fp64 stays fp64 (gradcheck).
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _tiled_logsumexp(queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, tile_size: int) -> torch.Tensor:
-    """Row-wise logsumexp of scale * queries @ keys.T in at least fp32, one column tile at a time."""
-    dtype = _accumulation_dtype(queries)
-    queries_acc = queries.to(dtype)
-    lse = torch.full((queries.shape[0],), float("-inf"), device=queries.device, dtype=dtype)
-    for start in range(0, keys.shape[0], tile_size):
-        logits = scale * (queries_acc @ keys[start : start + tile_size].to(dtype).T)
-        # logaddexp merges the partial sums stably; -inf is its identity.
-        lse = torch.logaddexp(lse, logits.logsumexp(dim=1))
-    return lse
+def _cross_entropy_with_grads(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scale: torch.Tensor,
+    offset: int,
+    tile_size: int,
+    need_keys_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """mean_i CE(scale * q_i . K, target offset + i) and its gradients w.r.t. queries, keys (or None) and scale."""
+    rows, columns = queries.shape[0], keys.shape[0]
+    dtype = scale.dtype
+    keys = keys.to(dtype)
+    loss = torch.zeros((), device=queries.device, dtype=dtype)
+    grad_scale = torch.zeros((), device=queries.device, dtype=dtype)
+    grad_queries = torch.empty(queries.shape, device=queries.device, dtype=dtype)
+    grad_keys = torch.zeros(keys.shape, device=keys.device, dtype=dtype) if need_keys_grad else None
+    block = torch.empty((min(tile_size, rows), columns), device=queries.device, dtype=dtype)
+    for start in range(0, rows, tile_size):
+        stop = min(start + tile_size, rows)
+        query_block = queries[start:stop].to(dtype)
+        scaled = query_block * scale
+        logits = block[: stop - start]
+        torch.matmul(scaled, keys.T, out=logits)
+        # Row r's positive is gathered column offset + start + r; flat indices address them in the contiguous block.
+        positive = (torch.arange(stop - start, device=queries.device) * (columns + 1) + offset + start)
+        positive_logits = logits.view(-1)[positive]
+        row_max = logits.amax(dim=1, keepdim=True)
+        logits.sub_(row_max).exp_()
+        row_sum = logits.sum(dim=1, keepdim=True)
+        loss += (row_max + row_sum.log()).sum() - positive_logits.sum()
+        # logits becomes b * dCE/dlogits = softmax - onehot; the 1/b of the mean is applied to the d-wide products.
+        logits.div_(row_sum)
+        logits.view(-1)[positive] -= 1
+        grad_scaled = logits @ keys
+        grad_scale += torch.vdot(grad_scaled.reshape(-1), query_block.reshape(-1)) / rows
+        torch.mul(grad_scaled, scale / rows, out=grad_queries[start:stop])
+        if grad_keys is not None:
+            grad_keys.addmm_(logits.T, scaled, alpha=1.0 / rows)
+    return loss / rows, grad_queries, grad_keys, grad_scale
 
 
-class _TiledRowLogSumExp(torch.autograd.Function):
-    """lse_i = log sum_j exp(scale * q_i . k_j), differentiable in queries, keys and scale."""
+class _RowTiledCrossEntropy(torch.autograd.Function):
+    """mean_i CE(scale * queries_i . keys.T, offset + i), its gradients computed and saved in forward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -44,41 +89,34 @@ class _TiledRowLogSumExp(torch.autograd.Function):
         queries: torch.Tensor,
         keys: torch.Tensor,
         scale: torch.Tensor,
+        offset: int,
         tile_size: int,
     ) -> torch.Tensor:
-        lse = _tiled_logsumexp(queries, keys, scale.detach().to(_accumulation_dtype(queries)).reshape(()), tile_size)
-        ctx.save_for_backward(queries, keys, scale, lse)
-        ctx.tile_size = tile_size
-        return lse
+        dtype = _accumulation_dtype(queries)
+        with torch.autocast(queries.device.type, enabled=False):
+            loss, grad_queries, grad_keys, grad_scale = _cross_entropy_with_grads(
+                queries, keys, scale.detach().to(dtype).reshape(()), offset, tile_size,
+                need_keys_grad=ctx.needs_input_grad[1],
+            )
+        ctx.dtypes = (queries.dtype, keys.dtype, scale.dtype)
+        ctx.scale_shape = scale.shape
+        # Intermediates, not inputs: save_for_backward releases them once backward has run.
+        ctx.save_for_backward(grad_queries, grad_keys, grad_scale)
+        return loss  # in the accumulation dtype: fp32 for bf16 features, as the tiled loss always returned
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        queries, keys, scale, lse = ctx.saved_tensors
-        need_q, need_k, need_s = ctx.needs_input_grad[:3]
-        dtype = lse.dtype
-        scale_acc = scale.to(dtype).reshape(())
-        queries_acc = queries.to(dtype)
-        grad_lse = grad_lse.to(dtype)
-        grad_q = torch.zeros_like(queries_acc) if need_q else None
-        grad_k = torch.empty(keys.shape, device=keys.device, dtype=dtype) if need_k else None
-        grad_s = torch.zeros((), device=queries.device, dtype=dtype)
-        for start in range(0, keys.shape[0], ctx.tile_size):
-            tile = keys[start : start + ctx.tile_size].to(dtype)
-            dots = queries_acc @ tile.T
-            # d lse_i / d logit_ij is the softmax weight p_ij, recomputed from the saved logsumexp; each row is
-            # weighted by its upstream gradient.
-            weights = torch.exp(scale_acc * dots - lse[:, None]) * grad_lse[:, None]
-            if need_q:
-                grad_q += scale_acc * (weights @ tile)
-            if need_k:
-                grad_k[start : start + ctx.tile_size] = scale_acc * (weights.T @ queries_acc)
-            if need_s:
-                grad_s += (weights * dots).sum()
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_queries, grad_keys, grad_scale = ctx.saved_tensors
+        query_dtype, key_dtype, scale_dtype = ctx.dtypes
+        need_queries, need_keys, need_scale = ctx.needs_input_grad[:3]
+        upstream = grad_loss.to(grad_scale.dtype)
+        # A product, not in place: retain_graph and gradcheck run backward more than once.
         return (
-            grad_q.to(queries.dtype) if need_q else None,
-            grad_k.to(keys.dtype) if need_k else None,
-            grad_s.to(scale.dtype).reshape(scale.shape) if need_s else None,
+            (grad_queries * upstream).to(query_dtype) if need_queries else None,
+            (grad_keys * upstream).to(key_dtype) if need_keys and grad_keys is not None else None,
+            (grad_scale * upstream).to(scale_dtype).reshape(ctx.scale_shape) if need_scale else None,
+            None,
             None,
         )
 
@@ -90,16 +128,16 @@ def tiled_clip_loss(
     group: dist.ProcessGroup | None = None,
     tile_size: int = DEFAULT_TILE_SIZE,
 ) -> torch.Tensor:
-    """Drop-in for clip_loss (L2-normalised features, ``logit_scale`` already exponentiated) with tiled logits."""
+    """Drop-in for clip_loss (L2-normalised features, ``logit_scale`` already exponentiated), ``tile_size`` local rows
+    at a time; peak extra memory is one tile_size x B block plus the gathered features and their gradients."""
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     logit_scale = torch.as_tensor(logit_scale, device=image_features.device)
+    # One gathered side at a time: the text copy is not saved by the first direction, so it is freed before the image
+    # copy is gathered.
+    all_texts, offset = gather_with_grad(text_features, group)
+    per_image = _RowTiledCrossEntropy.apply(image_features, all_texts, logit_scale, offset, tile_size)
+    del all_texts
     all_images, _ = gather_with_grad(image_features, group)
-    all_texts, _ = gather_with_grad(text_features, group)
-    lse_per_image = _TiledRowLogSumExp.apply(image_features, all_texts, logit_scale, tile_size)
-    lse_per_text = _TiledRowLogSumExp.apply(text_features, all_images, logit_scale, tile_size)
-    # The positive pair of local row i is local column i in both directions; taking it from the local features rather
-    # than the gathered copies gives the same value and, after the gather's backward, the same gradient.
-    dtype = _accumulation_dtype(image_features)
-    positives = logit_scale.to(dtype) * (image_features.to(dtype) * text_features.to(dtype)).sum(dim=-1)
-    return (lse_per_image.mean() + lse_per_text.mean()) / 2 - positives.mean()
+    per_text = _RowTiledCrossEntropy.apply(text_features, all_images, logit_scale, offset, tile_size)
+    return (per_image + per_text) / 2

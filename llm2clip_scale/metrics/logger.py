@@ -51,6 +51,16 @@ class MetricLogger:
             text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
             log.info("step %d %s", step, text)
 
+    def log_once(self, step: int, name: str, scalars: dict[str, float]) -> None:
+        """Values fixed for the run (e.g. FLOPs per sample): TensorBoard ``<name>/<key>`` and one log line; not in
+        metrics.jsonl, whose lines stay one per step and per evaluation."""
+        if not self.is_main or not scalars:
+            return
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{name}/{key}", value, step)
+        log.info("%s %s", name, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         if self.is_main and self.writer is not None:
             for name, value in metrics.items():

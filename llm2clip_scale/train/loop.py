@@ -30,6 +30,7 @@ from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.distributed.topology import Topology, build_topology, init_distributed
 from llm2clip_scale.distributed.watchdog import Watchdog
+from llm2clip_scale.metrics.flops import StepFlops
 from llm2clip_scale.metrics.logger import MetricLogger
 from llm2clip_scale.train.task import TrainingTask
 
@@ -65,10 +66,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _agree(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+def _agree(values: list[float | torch.Tensor], device: torch.device, summed: int | None = None) -> list[float]:
+    """``values`` (floats, or scalars still on the device) with the first ``summed`` (default: all) summed over the
+    ranks: one all-reduce and one host read per step, whatever the number of values (tests/test_step_syncs.py)."""
+    summed = len(values) if summed is None else summed
+    # The host's floats travel in one copy that does not wait for the device (torch.tensor(..., device=cuda) would
+    # synchronise); the device's scalars join them there, unread.
+    host = torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values], dtype=torch.float64)
+    host = host.to(device, non_blocking=True)
+    packed = torch.cat([v.detach().reshape(1).to(device, torch.float64) if isinstance(v, torch.Tensor)
+                        else host[i : i + 1] for i, v in enumerate(values)])
+    dist.all_reduce(packed[:summed])  # a view: the values after it are read as they are
+    return packed.tolist()
 
 
 def _resume_path(cfg: Config, topo: Topology) -> Path | None:
@@ -159,17 +168,24 @@ def _train(cfg: Config, task: TrainingTask, topo: Topology, loop: LoopState, che
     """Steps from ``loop.step + 1`` to ``train.steps``; returns True when stopped early by :func:`request_stop`."""
     batches = task.batches()
     interval, eval_interval = cfg.checkpoint.interval, cfg.eval.interval
+    flops = StepFlops(cfg, topo.world_size, topo.device)
+    logger.log_once(loop.step, "flops_per_sample", flops.per_sample())
     while loop.step < cfg.train.steps:
         step_start = time.perf_counter()
         step = loop.step + 1
         with watchdog.phase("waiting for the data loader", step):
             batch = next(batches)
+        step_flops = flops.count(batch)  # from host tensors, before the step moves them: no device sync
         with watchdog.phase("in the training step (forward, backward, gradient all-reduce, optimizer)", step):
             out = task.step(batch)
-        names = list(out.terms)
-        # One collective per step: the local values and the stop flag (summed, so any rank's flag stops all).
+        names, metric_names = list(out.terms), list(out.metrics)
+        # One collective per step: the local values and the stop flag (summed, so any rank's flag stops all), with
+        # the task's metrics (already global, not summed) read in the same transfer.
         with watchdog.phase("in the loss all-reduce (a peer has not reached it)", step):
-            *values, stop_votes = _agree([out.loss, *out.terms.values(), float(_STOP.is_set())], topo.device)
+            stop_votes, *agreed = _agree(
+                [float(_STOP.is_set()), out.loss, *out.terms.values(), *out.metrics.values()], topo.device,
+                summed=len(names) + 2)
+        values, metric_values = agreed[: len(names) + 1], agreed[len(names) + 1 :]
         loss, *terms = (value / topo.world_size for value in values)
         loop.step = step
         loop.samples_seen += cfg.train.global_batch
@@ -184,10 +200,14 @@ def _train(cfg: Config, task: TrainingTask, topo: Topology, loop: LoopState, che
             loop.consecutive_skips += 1
             log.warning("step %d: loss %s or a gradient is not finite; step skipped (%d in a row, %d in all)",
                         loop.step, loss, loop.consecutive_skips, loop.skipped_steps)
+        seconds = time.perf_counter() - step_start
         logger.log_step(loop.step, {
-            "loss": loss, **dict(zip(names, terms)), **out.metrics,
-            "samples_per_s": cfg.train.global_batch / (time.perf_counter() - step_start),
-            "skipped_samples": task.skipped_samples(), "skipped_steps": loop.skipped_steps,
+            "loss": loss, **dict(zip(names, terms)), **dict(zip(metric_names, metric_values)),
+            "samples_per_s": cfg.train.global_batch / seconds, **flops.rates(step_flops, seconds),
+            "skipped_steps": loop.skipped_steps,
+            # A collective of its own, so taken on the logger's log lines (and the last step) only, not every step.
+            **({"skipped_samples": task.skipped_samples()}
+               if step in (1, cfg.train.steps) or step % cfg.logging.interval == 0 else {}),
         })
         if loop.consecutive_skips >= cfg.train.max_consecutive_skipped_steps:
             checkpoints.wait()  # every rank stops here together, so a save in flight can still be committed

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.schema import Config, trains_offline
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
-from llm2clip_scale.distributed.collectives import gather_in_sample_order
+from llm2clip_scale.distributed.collectives import equal_row_counts, gather_in_sample_order
 from llm2clip_scale.distributed.topology import Topology
 from llm2clip_scale.eval.retrieval import retrieval_recall
 from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
@@ -110,18 +110,13 @@ class Stage2Step:
         # The loss runs in fp32 whatever the tower precision: bf16 logits at scale 100 lose the ranking.
         return Features(image.float(), text.float(), scale.float(), None if bias is None else bias.float())
 
-    def __call__(self, batch: dict) -> float:
-        llm = caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
-        if self.lora is not None:
-            llm = llm.detach().requires_grad_(True)  # the engine's backward leaves d(loss)/d(embedding) here
-        features = self.features(batch, llm)
-        loss = self.loss_fn(features.image, features.text, features.scale, features.bias)
-        if self.teacher is not None:
-            teacher_features = self.teacher(batch["images"].to(self.topo.device))
-            loss = loss + self.self_distill_weight * self_distillation_loss(features.image, teacher_features)
-        self.engine.backward(loss)
-        if self.lora is not None:
-            self._backprop_into_lora(batch, llm.grad)
+    def __call__(self, batch: dict) -> torch.Tensor:
+        """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch; returns the
+        local loss as a device scalar, for the loop to read with the step's other values in one transfer."""
+        # Training micro-batches have train.micro_batch rows on every rank, so the feature and caption gathers need
+        # not exchange row counts (evaluation, with a short last batch, calls features() outside this block).
+        with equal_row_counts():
+            loss = self._forward_backward(batch)
         # Asked before step(): DeepSpeed's answer refers to the micro-step that step() is about to finish.
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
@@ -133,7 +128,21 @@ class Stage2Step:
                 self.teacher.update(self.engine.module.vision)
         if boundary and self.lora is not None:
             self.lora_grad_norm, _ = self.lora.step(also_skip=not applied)
-        return loss.item()
+        return loss.detach()
+
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
+        llm = caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
+        if self.lora is not None:
+            llm = llm.detach().requires_grad_(True)  # the engine's backward leaves d(loss)/d(embedding) here
+        features = self.features(batch, llm)
+        loss = self.loss_fn(features.image, features.text, features.scale, features.bias)
+        if self.teacher is not None:
+            teacher_features = self.teacher(batch["images"].to(self.topo.device))
+            loss = loss + self.self_distill_weight * self_distillation_loss(features.image, teacher_features)
+        self.engine.backward(loss)
+        if self.lora is not None:
+            self._backprop_into_lora(batch, llm.grad)
+        return loss
 
     def _backprop_into_lora(self, batch: dict, grad: torch.Tensor) -> None:
         # The engine averages its gradients over the world (the mean of the ranks' local losses). The tower pass sums
@@ -200,11 +209,14 @@ class Stage2Task(EngineTask):
 
     def step(self, micro_batches: list[dict]) -> StepOutput:
         llm_lr = self.lora.lr if self.lora is not None else None  # before this step's schedule update
-        loss = sum(self.step_fn(batch) for batch in micro_batches) / len(micro_batches)
+        # Device scalars, not floats: the loop reads loss and metrics together after its one all-reduce, so the step
+        # itself waits for the device nowhere (tests/test_step_syncs.py counts).
+        loss = torch.stack([self.step_fn(batch) for batch in micro_batches]).double().mean()
+        grad_norm = self.engine.get_global_grad_norm()  # a device scalar under ZeRO and bf16, None before any step
         metrics = {
             "lr": max(self.engine.get_lr()),  # the base lr; layer-wise decay scales the trunk's groups below it
-            "logit_scale": self.engine.module.scale().item(),
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "logit_scale": self.engine.module.scale().detach(),
+            "grad_norm": 0.0 if grad_norm is None else grad_norm,
         }
         if self.lora is not None:
             metrics.update(llm_lora_lr=llm_lr, llm_lora_grad_norm=self.step_fn.lora_grad_norm)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.distributed.collectives import sum_over_ranks
@@ -25,12 +27,14 @@ class StepOutput:
     so the mean is the global-batch value; model-parallel ranks of one replica report the same value). ``metrics``
     are already global (lr, grad norm, logit scale). ``applied`` is False when the optimizer step was not taken
     because a loss or gradient was not finite; the task guarantees weights, optimizer and schedule are then untouched.
+    Values may be floats or device scalars: the loop reads all of them in one transfer after its all-reduce, so a
+    task that hands over device scalars never waits for the device itself.
     """
 
-    loss: float
+    loss: float | torch.Tensor
     applied: bool
-    terms: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 class TrainingTask(Protocol):

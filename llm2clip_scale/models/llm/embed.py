@@ -14,6 +14,12 @@ Two contracts, by who holds which captions:
 
 :func:`backprop_local_batch` is the gradient half of the second (stage 2 with a trainable LoRA); stage 1's gradient
 cache and MNTP drive :func:`run_schedule` themselves.
+
+Length bucketing (the second contract, PP = 1): a group's captions mix short alt-texts with long dense captions, and
+one batch padded to the longest would spend most of the tower's work on padding. The rows are sorted by length and
+cut into chunks of similar length (:func:`length_buckets`), each chunk trimmed to its own longest row, and the
+vectors put back in row order. Padding is masked out of attention and pooling, so a row's vector does not depend on
+its chunk (to float rounding; tests/test_step_syncs.py checks 1e-5).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,6 +37,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor, nn
 
 from llm2clip_scale.distributed.collectives import all_gather_rows
+
+# What one more tower call costs, in token positions: a forward reads every weight once whatever its token count, and
+# a GPU does about as many FLOPs in that time as 200-300 tokens need (H100/H200/B200 bf16: peak FLOP/s over HBM
+# bytes/s, times 2 bytes per parameter / 2 FLOPs per parameter and token). 512 adds launch latency on top.
+CHUNK_OVERHEAD_POSITIONS = 512
 
 
 @dataclass
@@ -97,6 +109,55 @@ def split_micro_batches(texts: TextBatch, micro_batch_size: int, uniform: bool) 
     if not uniform:
         chunks = [chunk.trimmed() for chunk in chunks]
     return chunks, fill
+
+
+def length_buckets(lengths: Sequence[int], overhead: int = CHUNK_OVERHEAD_POSITIONS) -> tuple[list[int], list[int]]:
+    """(order, sizes): row indices sorted by length, longest first (stable), and the sizes of the consecutive chunks
+    of that order that minimise the positions a tower computes — over chunks, rows x the chunk's longest row, plus
+    ``overhead`` positions per chunk (exact dynamic programme)."""
+    if not lengths:
+        return [], []
+    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    ordered = np.asarray([lengths[row] for row in order], dtype=np.int64)
+    # Chunks need only start where a run of equal lengths starts: moving a boundary back to the run's start moves
+    # rows into the next chunk at the same cost per row there and at no less in the previous one. At most
+    # max_text_len distinct lengths, so the programme stays small whatever the row count.
+    bounds = np.r_[np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]), len(ordered)]
+    best = np.zeros(len(bounds))  # best[e]: least cost of the rows before bounds[e]
+    last = np.zeros(len(bounds), dtype=np.int64)  # where the last chunk of that optimum starts
+    for end in range(1, len(bounds)):
+        cost = best[:end] + (bounds[end] - bounds[:end]) * ordered[bounds[:end]] + overhead
+        last[end] = int(np.argmin(cost))
+        best[end] = cost[last[end]]
+    sizes, end = [], len(bounds) - 1
+    while end > 0:
+        sizes.append(int(bounds[end] - bounds[last[end]]))
+        end = int(last[end])
+    return order, sizes[::-1]
+
+
+def _bucketed_chunks(texts: TextBatch, lengths: Sequence[int]) -> tuple[Tensor, list[TextBatch]]:
+    """``texts`` cut by :func:`length_buckets`, each chunk trimmed to its longest row (known: no device read); and
+    the row order (chunk rows concatenated = ``texts.select(order)``)."""
+    order, sizes = length_buckets(lengths)
+    # Built on the host and copied without waiting (torch.tensor(..., device=cuda) would synchronise).
+    index = torch.tensor(order).to(texts.input_ids.device, non_blocking=True)
+    chunks, start = [], 0
+    for rows in index.split(sizes):
+        width = max(lengths[order[start]], 1)  # the chunk's first row is its longest
+        chunks.append(TextBatch(*(t[rows, :width] for t in (texts.input_ids, texts.attention_mask, texts.pool_mask))))
+        start += len(rows)
+    return index, chunks
+
+
+@torch.no_grad()
+def _embed_by_length(tower: nn.Module, texts: TextBatch, lengths: Sequence[int]) -> Tensor:
+    """:func:`embed_texts` at PP = 1, in length buckets; vectors in ``texts``' row order."""
+    if len(texts) == 0:
+        return embed_texts(tower, texts)
+    order, chunks = _bucketed_chunks(texts, lengths)
+    vectors = torch.cat([tower(chunk.input_ids, chunk.attention_mask, chunk.pool_mask) for chunk in chunks]).float()
+    return torch.empty_like(vectors).index_copy_(0, order, vectors)
 
 
 def run_schedule(
@@ -180,16 +241,25 @@ def embed_texts(tower: nn.Module, texts: TextBatch, micro_batch_size: int | None
     return broadcast_from_last_stage(embeddings) if broadcast else embeddings
 
 
-def _gather_texts(texts: TextBatch, group: dist.ProcessGroup) -> tuple[TextBatch, int]:
-    """The group's rows in rank order, padded to the group's longest, and this rank's row offset."""
-    # Pad to the group's longest row so rows stack; extra padding is masked and so cannot change an embedding.
-    length = torch.tensor([texts.length], dtype=torch.long, device=texts.input_ids.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX, group=group)
-    padded = texts.padded_to(int(length.item()))
-    # One gather for ids and both masks: (b, 3, L_max).
-    packed = torch.stack([padded.input_ids.long(), padded.attention_mask.long(), padded.pool_mask.long()], dim=1)
+def _row_lengths(texts: TextBatch) -> list[int]:
+    return texts.attention_mask.sum(dim=1).tolist()  # one host read for all rows
+
+
+def _gather_texts(texts: TextBatch, group: dist.ProcessGroup) -> tuple[TextBatch, int, list[int]]:
+    """The group's rows in rank order, padded to the group's longest, this rank's row offset and every row's length.
+
+    The lengths come first (one small gather, one host read: the union's width and the bucket plan); the token rows
+    follow in one gather of ids and both masks, (b, 3, L_max), that nothing waits for.
+    """
+    lengths = all_gather_rows(texts.attention_mask.sum(dim=1), group=group)[0].tolist()
+    width = max(max(lengths, default=1), 1)
+    # Right padding is masked and so cannot change an embedding; columns past every row's end carry none.
+    if texts.length > width:
+        texts = TextBatch(texts.input_ids[:, :width], texts.attention_mask[:, :width], texts.pool_mask[:, :width])
+    texts = texts.padded_to(width)
+    packed = torch.stack([texts.input_ids.long(), texts.attention_mask.long(), texts.pool_mask.long()], dim=1)
     gathered, offset = all_gather_rows(packed, group=group)
-    return TextBatch(gathered[:, 0], gathered[:, 1], gathered[:, 2]), offset
+    return TextBatch(gathered[:, 0], gathered[:, 1], gathered[:, 2]), offset, lengths
 
 
 @torch.no_grad()
@@ -208,11 +278,16 @@ def embed_local_batch(
     since every stage must run the same micro-batches. ``pool_mask`` defaults to the attention mask.
     """
     texts = TextBatch.of(input_ids, attention_mask, pool_mask)
-    group = parallel_state.get_model_parallel_group() if _pipelined() else tp_group
+    pipelined = _pipelined()
+    group = parallel_state.get_model_parallel_group() if pipelined else tp_group
+    # Length buckets at PP = 1 unless the caller fixed the micro-batch size; a pipeline needs one shape throughout.
+    bucketed = not pipelined and micro_batch_size is None
     if group is None or dist.get_world_size(group) == 1:
-        return embed_texts(tower, texts, micro_batch_size)
-    union, offset = _gather_texts(texts, group)
-    return embed_texts(tower, union, micro_batch_size)[offset : offset + len(texts)]
+        return _embed_by_length(tower, texts, _row_lengths(texts)) if bucketed else embed_texts(
+            tower, texts, micro_batch_size)
+    union, offset, lengths = _gather_texts(texts, group)
+    vectors = _embed_by_length(tower, union, lengths) if bucketed else embed_texts(tower, union, micro_batch_size)
+    return vectors[offset : offset + len(texts)]
 
 
 def backprop_local_batch(
@@ -238,16 +313,22 @@ def backprop_local_batch(
     pipelined = _pipelined()
     group = parallel_state.get_model_parallel_group() if pipelined else tp_group
     grad = grad.float()
+    lengths = None
     if group is not None and dist.get_world_size(group) > 1:
-        texts, _ = _gather_texts(texts, group)
+        texts, _, lengths = _gather_texts(texts, group)
         grad, _ = all_gather_rows(grad.contiguous(), group=group)
     if len(texts) == 0:
         return
-    stages = parallel_state.get_pipeline_model_parallel_world_size() if pipelined else 1
-    chunks, fill = split_micro_batches(texts, micro_batch_size or math.ceil(len(texts) / stages), uniform=pipelined)
-    if fill:  # filler rows (copies of row 0) get no gradient
-        grad = torch.cat([grad, grad.new_zeros(fill, grad.shape[1])])
-    grads = grad.split([len(chunk) for chunk in chunks])
+    if not pipelined and micro_batch_size is None:  # the same length buckets as embed_local_batch's pass
+        order, chunks = _bucketed_chunks(texts, _row_lengths(texts) if lengths is None else lengths)
+        grads = grad[order].split([len(chunk) for chunk in chunks])
+    else:
+        stages = parallel_state.get_pipeline_model_parallel_world_size() if pipelined else 1
+        chunks, fill = split_micro_batches(texts, micro_batch_size or math.ceil(len(texts) / stages),
+                                           uniform=pipelined)
+        if fill:  # filler rows (copies of row 0) get no gradient
+            grad = torch.cat([grad, grad.new_zeros(fill, grad.shape[1])])
+        grads = grad.split([len(chunk) for chunk in chunks])
     count = len(chunks)
 
     def surrogate(index: int, output: Tensor) -> tuple[Tensor, dict]:
@@ -258,4 +339,4 @@ def backprop_local_batch(
 
 
 __all__ = ["TextBatch", "backprop_local_batch", "broadcast_from_last_stage", "concat_texts", "embed_local_batch",
-           "embed_texts", "run_schedule", "split_micro_batches"]
+           "embed_texts", "length_buckets", "run_schedule", "split_micro_batches"]
