@@ -451,6 +451,20 @@ def test_llrd_monotone_by_depth_and_no_decay_for_norms_biases_tokens() -> None:
         torch.optim.AdamW(groups, lr=1e-3)  # the dicts are valid optimizer groups
 
 
+def test_one_group_per_lr_scale_and_decay() -> None:
+    """ZeRO pays collectives per group and step: equal (lr_scale, weight_decay) share one group, at any layer decay."""
+    model = build_clip_model(ModelConfig(embed_dim=EMBED, vision=tiny_cfg(timm_kwargs={**TINY, "depth": 4}),
+                                         adapter=AdapterConfig(input_dim=32, num_blocks=1)))
+    flat = build_param_groups(model, weight_decay=0.05, lr=1e-3, layer_decay=1.0)
+    assert sorted(g["name"] for g in flat) == ["decay", "no_decay"]
+    trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
+    assert sorted(id(p) for g in flat for p in g["params"]) == sorted(trainable_ids)
+    decayed = build_param_groups(model, weight_decay=0.05, lr=1e-3, layer_decay=0.5)
+    keys = [(g["lr_scale"], g["weight_decay"]) for g in decayed]
+    assert len(keys) == len(set(keys))
+    assert {s for s, _ in keys} == {0.5**k for k in range(6)}  # stem, 4 blocks, head: one scale each
+
+
 def test_param_groups_skip_frozen_and_keep_lora() -> None:
     tower = build_vision_tower(tiny_cfg(lora_rank=2), EMBED)
     groups = build_param_groups(tower, weight_decay=0.1, lr=1.0, layer_decay=0.8)

@@ -40,8 +40,9 @@ def _find_vision_tower(model: nn.Module) -> tuple[str, VisionTower] | None:
 
 
 def build_param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float = 1.0) -> list[dict]:
-    """Param group dicts for a torch optimizer. Each has ``params``, ``weight_decay``, ``lr_scale``, ``lr``
-    (= lr * lr_scale, for optimizers without a scheduler) and ``name``. Frozen parameters are left out.
+    """Param group dicts for a torch optimizer, one per distinct (lr_scale, weight_decay). Each has ``params``,
+    ``weight_decay``, ``lr_scale``, ``lr`` (= lr * lr_scale, for optimizers without a scheduler) and ``name``. Frozen
+    parameters are left out.
 
     A schedule must multiply its lr by each group's ``lr_scale`` rather than overwrite ``lr`` uniformly.
     """
@@ -89,4 +90,21 @@ def build_param_groups(model: nn.Module, weight_decay: float, lr: float, layer_d
         groups.append({"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0, "lr": lr, "name": "decay"})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "lr": lr, "name": "no_decay"})
-    return groups
+    return _merge_equal_groups(groups)
+
+
+def _merge_equal_groups(groups: list[dict]) -> list[dict]:
+    """One group per distinct (lr_scale, weight_decay): the optimizer update is per parameter, so this changes
+    nothing but the group count. timm makes a group per layer and decay class even at layer_decay 1.0, and DeepSpeed
+    ZeRO pays per group and step one norm all-reduce, one host read and one all-gather (ViT-E: 134 groups, ~270
+    collectives a step; merged: 2)."""
+    merged: dict[tuple[float, float], dict] = {}
+    for group in groups:
+        key = (group["lr_scale"], group["weight_decay"])
+        if key in merged:
+            merged[key]["params"] = merged[key]["params"] + list(group["params"])
+            continue
+        kind = "decay" if group["weight_decay"] else "no_decay"
+        name = kind if group["lr_scale"] == 1.0 else f"lr_scale{group['lr_scale']:.4g}.{kind}"
+        merged[key] = {**group, "params": list(group["params"]), "name": name}
+    return list(merged.values())
