@@ -85,6 +85,7 @@ from llm2clip_scale.data.synthetic import (  # noqa: E402
     BACKGROUNDS,
     COLOURS,
     describe_scene,
+    draw_shape,
     sample_scene,
     train_tokenizer,
 )
@@ -116,14 +117,7 @@ def _synthetic_image(index: int, width: int, height: int, seed: int) -> tuple[by
     for obj in scene.objects:
         half = (0.45 if obj.size == "large" else 0.22) * min(cell_w, cell_h)
         cx, cy = (obj.col + 0.5) * cell_w, (obj.row + 0.5) * cell_h
-        box = (cx - half, cy - half, cx + half, cy + half)
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+        draw_shape(draw, obj.shape, cx, cy, half, COLOURS[obj.colour])
     jpeg = io.BytesIO()
     canvas.save(jpeg, format="JPEG", quality=90)
     return jpeg.getvalue(), describe_scene(scene, rng)

@@ -49,9 +49,7 @@ rank waiting in a collective for a descheduled peer costs wall time but little C
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
 import json
 import math
 import multiprocessing as mp
@@ -74,6 +72,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llm2clip_scale.losses import build_contrastive_loss  # noqa: E402 - after the repository is on the path
+from llm2clip_scale.metrics.host_memory import proc_status_kb, reset_peak, trim_heap  # noqa: E402
 
 DEFAULT_LOSSES = "clip_openclip,infonce,infonce_tiled:1024,infonce_tiled:4096,siglip_openclip,siglip"
 REFERENCES = {"clip_openclip": None, "siglip_openclip": None, "infonce": "clip_openclip",
@@ -124,26 +123,10 @@ def _inputs(name: str, batch: int, dim: int, rank: int, world: int, seed: int) -
 
 
 def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def _trim_heap() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    value = proc_status_kb().get(field)
+    if value is None:
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+    return value
 
 
 def _worker(rank: int, task: dict[str, Any], out_dir: str) -> None:
@@ -156,9 +139,9 @@ def _worker(rank: int, task: dict[str, Any], out_dir: str) -> None:
     fn(*warm).backward()
     inputs = _inputs(name, task["batch"], task["dim"], rank, world, seed=0)
     del warm
-    _trim_heap()
+    trim_heap()
     dist.barrier()
-    exact = _reset_peak()
+    exact = reset_peak()
     base_kb = _status_kb("VmRSS") if exact else _status_kb("VmHWM")
     start, start_cpu = time.perf_counter(), time.process_time()
     loss = fn(*inputs)

@@ -45,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the package and tests.multiprocess, also in the ranks
 
+from llm2clip_scale.metrics.host_memory import proc_status_kb, reset_peak  # noqa: E402 - after the path is set
+
 SIDES = ("ours", "open_clip")
 # Imported once by the fork server, so that a run's ranks start in a second instead of importing for ~20 s each.
 _PRELOAD = ["__main__", "torch", "deepspeed", "open_clip_train.train", "llm2clip_scale.train.stage2",
@@ -236,20 +238,8 @@ class OpenClipStep:
 
 def _proc_mb(field: str) -> float:
     """VmRSS / VmHWM of this process from /proc (Linux), in MB; NaN elsewhere."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-        return int(line.split()[1]) / 1024
-    except (OSError, StopIteration):
-        return math.nan
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (``5`` into clear_refs); False where the kernel does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    value = proc_status_kb().get(field)
+    return math.nan if value is None else value / 1024
 
 
 def _rank_main(side: str, cfg, opts: dict) -> dict:
@@ -285,7 +275,7 @@ def _rank_main(side: str, cfg, opts: dict) -> dict:
     times, cpu_times, losses, scales, peak_reset, prof, build_peak = [], [], [], [], False, None, math.nan
     for step in range(opts["warmup"] + timed):
         if step == opts["warmup"]:
-            build_peak, peak_reset = _proc_mb("VmHWM"), _reset_peak()  # the mark of building and warm-up
+            build_peak, peak_reset = _proc_mb("VmHWM"), reset_peak()  # the mark of building and warm-up
             if opts["profile"] and topo.rank == 0:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 prof.__enter__()

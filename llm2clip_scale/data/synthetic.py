@@ -112,15 +112,19 @@ def render_scene(scene: Scene, image_size: int, rng: random.Random) -> Image.Ima
         slack = cell / 2 - half  # how far the shape may move and still sit wholly in its cell
         cx = (obj.col + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
         cy = (obj.row + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
-        box = (cx - half, cy - half, cx + half, cy + half)
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+        draw_shape(draw, obj.shape, cx, cy, half, COLOURS[obj.colour])
     return image.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, fill: tuple) -> None:
+    """One scene object: a circle, square or triangle of half-size ``half`` centred at (cx, cy)."""
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
 
 
 def describe_scene(scene: Scene, rng: random.Random) -> dict[str, str]:

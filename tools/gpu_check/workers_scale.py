@@ -3,7 +3,6 @@ building towers from checkpoints (and writing those checkpoints), the reduced Vi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -14,18 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llm2clip_scale.metrics.host_memory import proc_status_kb, reset_peak
+
 from .context import REPO
 from .workers import init_world, tensor_facts
 
 
 def _proc_status() -> dict[str, int]:
     """/proc/self/status memory fields in bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if value.strip().endswith("kB"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    return {key: kb * 1024 for key, kb in proc_status_kb().items()}
 
 
 class HostPeak:
@@ -36,8 +32,7 @@ class HostPeak:
     and reported beside it."""
 
     def __enter__(self) -> HostPeak:
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        reset_peak()  # VmHWM from here, where the kernel allows
         status = _proc_status()
         self.base_anon, self.base_hwm = status["RssAnon"], status["VmHWM"]
         self.peak_anon = self.base_anon
