@@ -231,7 +231,13 @@ def test_trained_loras_and_siglip_bias_are_folded_in(runs: dict, stage1_export: 
 def test_layouts_and_stages_export_the_same_llm(runs: dict, stage1_export: dict) -> None:
     """The frozen LLM (base + stage-1 LoRA) is one model whatever layout trained stage 2: the TP=2 and DP=2 exports
     hold bit-identical decoder weights, identical to the stage-1 export's. What stage 2 trained (adapter, logit
-    scale, vision tower) agrees to float rounding between TP=2 / ZeRO-3 and DP=2 / ZeRO-2 (one step, 1e-5)."""
+    scale, vision tower) agrees between TP=2 / ZeRO-3 and DP=2 / ZeRO-2 to 1% of the one AdamW step they took.
+
+    Why not 1e-5 relative: the layouts sum gradients in different orders, and Adam's first step moves each weight by
+    lr * g / (|g| + eps), which turns a float-rounding difference dg of a gradient element near eps (1e-6) into a
+    weight difference of up to lr * dg / (4 * eps) = 250 * dg. A handful of ~10^5 elements sit there: measured 1.4e-6
+    and 1.7e-6 (0.14-0.17% of a step) on two machines, against weights of 0.08. (TP=2's losses equal TP=1's to 1e-5
+    over 12 steps in test_train_stage2.py.)"""
     weights = {name: _text_weights(runs["out"] / name) for name in ("tp2", "dp2")}
     stage1 = _text_weights(stage1_export["out"])
     decoder = sorted(n for n in stage1 if n.startswith(DECODER))
@@ -242,12 +248,13 @@ def test_layouts_and_stages_export_the_same_llm(runs: dict, stage1_export: dict)
     trained = sorted(set(weights["dp2"]) - set(decoder))
     assert trained == sorted(set(weights["tp2"]) - set(decoder))
     assert trained and all(k.startswith(("adapter.", "logit_scale")) for k in trained)
+    one_step = 1e-2 * load_config(REPO / "configs" / "tiny_cpu.yaml").optim.lr
     for key in trained:
-        torch.testing.assert_close(weights["tp2"][key], weights["dp2"][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights["tp2"][key], weights["dp2"][key], rtol=0, atol=one_step)
     vision, reference = _vision_weights(runs["out"] / "tp2"), _vision_weights(runs["out"] / "dp2")
     assert set(vision) == set(reference)
     for key in vision:
-        torch.testing.assert_close(vision[key], reference[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vision[key], reference[key], rtol=0, atol=one_step)
 
 
 def test_bfloat16_export_is_one_rounding_of_float32(runs: dict) -> None:
