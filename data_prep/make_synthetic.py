@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  caption fields: {', '.join(summary['caption_fields'])}; image {params.image_size}px png; seed {params.seed}"
     )
+    print(f"  eval extras: {summary['multi_caption_field']} (paraphrases), {summary['label_field']} (zero-shot class "
+          f"of 1-object scenes), {args.out}/{summary['zeroshot']} (class names and templates); see docs/EVAL.md")
     return 0
 
 

@@ -22,7 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="load, override and validate a config without starting anything")
     cra = commands.add_parser("cra", help="CRA of the LLM tower on stage1.eval_pairs; one JSON line")
     cra.add_argument("--lora", default=None, help="stage-1 LoRA: lora.safetensors, a step dir or a checkpoint root")
-    for sub in (train, check, cra):
+    evaluate = commands.add_parser("eval", help="eval.tasks on a stage-2 model (docs/EVAL.md); one JSON line")
+    evaluate.add_argument("--tasks", default=None, help="comma-separated: long_retrieval,retrieval,zeroshot,cra "
+                          "(default: eval.tasks)")
+    evaluate.add_argument("--checkpoint", default=None, help="a stage-2 step dir or checkpoint root (its latest)")
+    evaluate.add_argument("--export", default=None, help="instead: a tools/convert_to_hf.py folder (one process)")
+    for sub in (train, check, cra, evaluate):
         sub.add_argument("config", help="YAML file under configs/")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.zero_stage=2")
     check.add_argument("--world-size", type=int, default=None, help="ranks to validate against (default: env)")
@@ -30,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     from llm2clip_scale.launch.submit import add_submit_parser
 
     add_submit_parser(commands)
+    from llm2clip_scale.plan.report import add_plan_parser
+
+    add_plan_parser(commands)
     env = commands.add_parser("env", help="print versions, devices and which fused kernels are active, and why")
     env.add_argument("--json", action="store_true", help="print the report as one JSON object")
     inspect = commands.add_parser("inspect", help="a checkpoint's step, config, layout, files and integrity")
@@ -37,7 +45,32 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
     inspect.add_argument("--no-verify", action="store_true", help="skip the checksum pass over every file")
     inspect.add_argument("--config", action="store_true", help="also print the run's full config")
+    report = commands.add_parser("report", help="a PNG of a run's loss, lr, logit scale and eval curves")
+    report.add_argument("run_dir", help="the run's logging.dir (holding metrics.jsonl), or a run root with logs/")
+    report.add_argument("--out", default=None, help="PNG path (default: report.png next to metrics.jsonl)")
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from llm2clip_scale.metrics.report import ReportError, missing_panels, write_report
+
+    try:
+        out, records = write_report(args.run_dir, args.out)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    steps = len(records.steps["loss"][0]) if "loss" in records.steps else 0
+    evals = len(next(iter(records.evals.values()))[0]) if records.evals else 0
+    print(f"{out}: {steps} steps, {evals} evaluations from {records.path}")
+    if records.malformed or records.superseded:
+        print(f"skipped {records.malformed} malformed lines; {records.superseded} lines superseded by a resume")
+    if missing := missing_panels(records):
+        print(f"not logged by this run: {', '.join(missing)}")
+    if records.stale_result_steps is not None:
+        print(f"result.json is of step {records.stale_result_steps}, not the last logged step: not shown")
+    elif records.result is None:
+        print("no result.json: the run has not finished (the table shows the last logged values)")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -90,17 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options (``validate cfg.yaml --world-size 4 train.lr=1``): collect the leftovers too.
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if item.startswith("-")]
-    if args.command != "submit" and (unknown or (args.command in ("env", "inspect") and extra)):
+    if args.command != "submit" and (unknown or (args.command in ("env", "inspect", "report") and extra)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if args.command == "env":  # needs no config
         return _env(args.json)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "plan":  # arithmetic only: no process group, no file checks
+        from llm2clip_scale.plan.report import run_plan
+
+        args.overrides = [*args.overrides, *extra]
+        return run_plan(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "submit":
         from llm2clip_scale.launch.submit import submit
 
         return submit(args, extra)
     args.overrides = [*args.overrides, *extra]
+    if args.command == "eval" and args.tasks:
+        args.overrides.append(f"eval.tasks=[{args.tasks}]")
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     configure_rank_logging(rank)
     try:
@@ -122,6 +164,25 @@ def main(argv: list[str] | None = None) -> int:
         from llm2clip_scale.launch.preemption import train_with_preemption
 
         result = train_with_preemption(cfg)  # shuts the process groups down, and requeues when a signal asked
+    elif args.command == "eval":
+        from llm2clip_scale.checkpoint.layout import CheckpointError
+        from llm2clip_scale.distributed.topology import shutdown
+        from llm2clip_scale.eval.run import evaluate_stage2
+
+        try:
+            if args.export is not None:
+                if args.checkpoint is not None or world_size_from_env() != 1:
+                    raise ValueError("--export: runs in one process, without --checkpoint")
+                from llm2clip_scale.eval.export import evaluate_export
+
+                result = evaluate_export(cfg, args.export)
+            else:
+                result = evaluate_stage2(cfg, args.checkpoint)
+        except (ValueError, CheckpointError) as err:  # bad eval data or checkpoint: a message, not a traceback
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        finally:
+            shutdown()
     else:
         from llm2clip_scale.distributed.topology import shutdown
         from llm2clip_scale.train.llm2clip_cc import evaluate_checkpoint_cra

@@ -346,3 +346,36 @@ def test_each_rule_reports_its_field_and_fix(base: str, overrides: list[str], wo
     problems = _problem_list(base, overrides, world, files)
     assert len(problems) == 1, problems  # the rule fires, alone, on an otherwise valid config
     assert expected.format(d=files) in problems[0]
+
+
+def test_a_map_given_whole_replaces_the_default(tmp_path: Path) -> None:
+    """caption_fields {short, long} in a YAML file (or a ``key={...}`` override) is the whole map, not the schema's
+    default raw: 1.0 plus those; a dotted override of one entry edits the map below it."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  caption_fields: {short: 0.5, long: 0.5}\n")
+    assert load_config(config).data.caption_fields == {"short": 0.5, "long": 0.5}
+    assert load_config(config, ["data.caption_fields.raw=0.2"]).data.caption_fields == {
+        "short": 0.5, "long": 0.5, "raw": 0.2}
+    assert load_config(config, ["data.caption_fields={long: 1.0}"]).data.caption_fields == {"long": 1.0}
+    assert load_config(None).data.caption_fields == {"raw": 1.0}
+
+
+def test_every_map_field_with_a_default_replaces_whole() -> None:
+    import dataclasses
+    import typing
+
+    from llm2clip_scale.config.load import MAP_FIELDS
+
+    def maps(cls: type, prefix: str) -> list[str]:
+        found = []
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            if dataclasses.is_dataclass(kind):
+                found += maps(kind, f"{prefix}{f.name}.")
+            elif typing.get_origin(kind) is dict and f.default_factory is not dataclasses.MISSING:
+                if f.default_factory():  # an empty default has nothing to keep beside a given map
+                    found.append(prefix + f.name)
+        return found
+
+    assert sorted(maps(Config, "")) == sorted(MAP_FIELDS)

@@ -140,8 +140,10 @@ def test_siglip_and_proclip_self_distillation_train(dataset: Path, tmp_path: Pat
               "model.logit_scale_init=2.3"]
     proclip = [*_overrides(dataset, tmp_path / "proclip", steps=6), "train.self_distill_weight=1.0",
                "train.ema_momentum=0.5"]
+    summed = [*_overrides(dataset, tmp_path / "summed", steps=6), "train.self_distill_weight=1.0",
+              "train.ema_momentum=0.5", "train.self_distill_reduction=sum"]
     plain = _overrides(dataset, tmp_path / "plain", steps=6)
-    run_on_ranks(_train_each, 2, [siglip, proclip, plain])
+    run_on_ranks(_train_each, 2, [siglip, proclip, summed, plain])
     losses = _losses(tmp_path / "siglip" / "logs")
     assert sum(losses[-3:]) / 3 < losses[0], losses
 
@@ -149,6 +151,12 @@ def test_siglip_and_proclip_self_distillation_train(dataset: Path, tmp_path: Pat
     # Step 1: teacher == student, so the distillation term is exactly zero; afterwards it adds a positive term.
     assert distilled[0] == pytest.approx(reference[0], rel=1e-6)
     assert distilled[1:] != pytest.approx(reference[1:], rel=1e-3)
+    # The official (summed) reduction reaches the step: zero at step 1 as well, then a term b(b-1)/2 times the mean's
+    # structure part (b = 8 rows a rank) that moves the run away from the averaged one.
+    summed = _losses(tmp_path / "summed" / "logs")
+    assert summed[0] == pytest.approx(reference[0], rel=1e-6)
+    further = [abs(s - r) > abs(d - r) for s, d, r in zip(summed[1:], distilled[1:], reference[1:])]
+    assert all(further), (summed, distilled, reference)
 
 
 def _final_weights(run_dir: Path, steps: int) -> dict:

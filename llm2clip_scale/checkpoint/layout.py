@@ -221,6 +221,24 @@ def resolve_lora_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no {LORA_FILE}, step directory or checkpoint root with '{LATEST}'")
 
 
+def read_adapter_config(lora_file: Path) -> dict:
+    """The ``adapter_config.json`` beside a ``lora.safetensors``: the rank, alpha and targets it was trained with (an
+    MNTP run's file is of rank 2r). Raises FileNotFoundError when absent, ValueError when unreadable. One reader for
+    training, stage chaining and the exporter (which imports no megatron, hence here)."""
+    meta_file = lora_file.with_name(ADAPTER_CONFIG_FILE)
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: missing beside {lora_file.name}; it records the LoRA rank, alpha and "
+                                "targets the matrices were trained with")
+    try:
+        meta = json.loads(meta_file.read_text())
+        meta["lora_rank"], meta["lora_alpha"] = int(meta["lora_rank"]), float(meta["lora_alpha"])
+        meta["lora_targets"] = list(meta["lora_targets"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{meta_file}: unreadable LoRA settings ({type(err).__name__}: {err}); it must record "
+                         "lora_rank, lora_alpha and lora_targets") from None
+    return meta
+
+
 def lora_init_record(lora_init: str | None) -> dict | None:
     """Which stage-1 LoRA ``model.llm.lora_init`` resolves to now, by file and content: a checkpoint root's
     ``latest`` moves on, so the step that stage 2 merged is recorded in its checkpoints (and checked on resume)."""

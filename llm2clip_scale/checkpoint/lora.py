@@ -7,7 +7,6 @@ any TP x PP layout (keys use global layer indices and full, unsharded matrices).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from llm2clip_scale.checkpoint.layout import ADAPTER_CONFIG_FILE, resolve_lora_path
+from llm2clip_scale.checkpoint.layout import read_adapter_config, resolve_lora_path
 from llm2clip_scale.config.schema import LLMConfig
 from llm2clip_scale.models.llm.lora import apply_lora, gather_lora_state, load_lora_state, merge_lora
 from llm2clip_scale.models.llm.tower import LLMTextEncoder
@@ -72,13 +71,9 @@ def read_stage1_lora(path: str | Path) -> tuple[dict[str, Tensor], dict, Path]:
     lora_file = resolve_lora_path(path)
     if not lora_file.is_file():
         raise FileNotFoundError(f"{lora_file}: missing; {path} is not a complete stage-1 checkpoint")
-    meta_file = lora_file.with_name(ADAPTER_CONFIG_FILE)
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file}: missing beside {lora_file.name}; it records the LoRA rank, alpha and "
-                                "targets the matrices were trained with")
+    meta = read_adapter_config(lora_file)
     try:
         state = load_file(str(lora_file))
-        meta = json.loads(meta_file.read_text())
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{lora_file}: unreadable stage-1 LoRA ({type(err).__name__}: {err})") from err
     return state, meta, lora_file
@@ -106,7 +101,7 @@ def merge_stage1_lora(tower: LLMTextEncoder, path: str | Path) -> Path:
     """
     state, meta, lora_file = read_stage1_lora(path)
     check_same_base(tower.cfg, meta, lora_file)
-    apply_lora(tower, int(meta["lora_rank"]), float(meta["lora_alpha"]), 0.0, list(meta["lora_targets"]))
+    apply_lora(tower, meta["lora_rank"], meta["lora_alpha"], 0.0, meta["lora_targets"])
     load_global_lora_state(tower, state)
     merge_lora(tower)
     return lora_file

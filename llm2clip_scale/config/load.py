@@ -22,24 +22,36 @@ STAGES = ("llm2clip_cc", "proclip_inherit", "stage2")
 RENAMED_STAGES = {"stage1_cc": "llm2clip_cc", "proclip_stage1": "proclip_inherit"}
 
 
+# Map-valued fields whose schema default is not empty: a YAML file or a ``key={...}`` override that gives one of them
+# replaces it whole; a dotted override of one entry (``data.caption_fields.raw=0.2``) still edits it in place.
+MAP_FIELDS = ("data.caption_fields",)
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased as 'field: what is wrong; how to fix it'."""
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Merge ``path`` (YAML) and ``overrides`` (``a.b=value``) onto the schema; raise ConfigError naming the field."""
-    base = OmegaConf.structured(Config)
-    layers = []
+    layers = []  # (layer, the map fields it gives whole)
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path!s} does not exist")
-        layers.append(OmegaConf.load(path))
+        layer = OmegaConf.load(path)
+        layers.append((layer, [key for key in MAP_FIELDS if OmegaConf.select(layer, key) is not None]))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.lr=1e-5")
-        layers.append(OmegaConf.from_dotlist([item]))
+        key = item.split("=", 1)[0].strip()
+        layers.append((OmegaConf.from_dotlist([item]), [key] if key in MAP_FIELDS else []))
     try:
-        merged = OmegaConf.merge(base, *layers)
+        merged = OmegaConf.structured(Config)
+        for layer, whole_maps in layers:
+            # A map given whole replaces the one below instead of merging into it: a config's
+            # caption_fields {short: 0.5, long: 0.5} must not keep the schema's default raw: 1.0 beside them.
+            for key in whole_maps:
+                OmegaConf.update(merged, key, {}, merge=False)
+            merged = OmegaConf.merge(merged, layer)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe_omegaconf_error(err)) from None
@@ -155,6 +167,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "train.self_distill_weight: the EMA teacher reads the student's full weights, which ZeRO-3 partitions; "
             "use parallel.zero_stage <= 2 for ProCLIP stage 2"
         )
+    if train.self_distill_reduction not in ("mean", "sum"):
+        problems.append(f"train.self_distill_reduction: {train.self_distill_reduction!r} unknown; use mean or sum")
     if not 0.0 <= train.ema_momentum < 1.0:
         problems.append(f"train.ema_momentum: {train.ema_momentum} must lie in [0, 1)")
     if train.precision not in ("fp32", "bf16"):
@@ -201,6 +215,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             cfg.proclip.instance_weight == 0 and cfg.proclip.structure_weight == 0
         ):
             problems.append("proclip.instance_weight/structure_weight: must be >= 0 and not both 0")
+        problems += _proclip_view_problems(cfg)
         if par.zero_stage == 3:
             problems.append(
                 "parallel.zero_stage: ProCLIP stage 1 saves the adapter from each rank's full weights, which ZeRO-3 "
@@ -222,12 +237,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         problems.append("data.image_mean/image_std: give 3 values (RGB)")
     if len(cfg.optim.betas) != 2:
         problems.append(f"optim.betas: give two values, got {cfg.optim.betas}")
+    from llm2clip_scale.eval.task_config import eval_task_problems  # eval/ imports config: resolved lazily
+
+    problems.extend(eval_task_problems(cfg))
 
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 EMBED_HINT = "write them with data_prep/embed_captions.py"
+
+
+def _proclip_view_problems(cfg: Config) -> list[str]:
+    proclip, problems = cfg.proclip, []
+    if proclip.reduction not in ("mean", "sum"):  # mirrors llm2clip_scale.losses.proclip.REDUCTIONS
+        problems.append(f"proclip.reduction: {proclip.reduction!r} unknown; use mean or sum")
+    if len(set(proclip.views)) != len(proclip.views):
+        problems.append(f"proclip.views: {proclip.views} names a field twice")
+    if proclip.structure_views and not set(proclip.structure_views) <= set(proclip.views):
+        problems.append(f"proclip.structure_views: {proclip.structure_views} must be a subset of proclip.views "
+                        f"({proclip.views}; empty = every view)")
+    return problems
 
 
 def _sidecar_problems(where: str, pattern: str) -> list[str]:
@@ -395,6 +425,8 @@ def _stage1_problems(cfg: Config) -> list[str]:
             problems.append(f"stage1.{name}: {value} needs two distinct caption fields (query, positive)")
     if s1.negative_window < 2:
         problems.append(f"stage1.negative_window: {s1.negative_window} must be >= 2")
+    if s1.negative_mode not in ("mined", "random"):
+        problems.append(f"stage1.negative_mode: {s1.negative_mode!r} must be mined or random")
     if s1.eval_pairs:
         problems += _missing_files("stage1.eval_pairs", s1.eval_pairs, "fix the pattern")
     if s1.mntp_steps < 0:

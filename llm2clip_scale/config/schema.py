@@ -191,6 +191,9 @@ class TrainConfig:
     # ProCLIP stage 2: loss += self_distill_weight * [MSE + smoothL1(pdist)] against an EMA teacher of the image
     # encoder (0 = plain LLM2CLIP stage 2).
     self_distill_weight: float = 0.0
+    # How both distillation terms reduce over the rank's rows / pairs: mean, or sum as the official ProCLIP code
+    # (the mapping between the two: proclip.reduction, docs/RECIPES.md).
+    self_distill_reduction: str = "mean"
     ema_momentum: float = 0.999
     seed: int = 0
     # auto: continue from the newest complete checkpoint under checkpoint.dir (start fresh when there is none);
@@ -223,17 +226,46 @@ class EvalConfig:
     max_samples: int = 1000
     batch_size: int = 64  # per rank
     interval: int = 0  # steps between evaluations during training (0: only at the end); stage-specific metrics
+    # Stage-2 eval tasks (docs/EVAL.md): long_retrieval (one caption per image: data.eval_shards, field data.
+    # eval_caption_field; metrics r1_i2t, ... unprefixed as ever), retrieval (several captions per image, COCO
+    # protocol), zeroshot (class names x templates), cra (caption 1 <-> caption 2 of an image, LLM embeddings).
+    tasks: list[str] = field(default_factory=lambda: ["long_retrieval"])
+    # Each task's data: webdataset shards, or a .jsonl/.csv with image paths beside it; empty: data.eval_shards.
+    retrieval_data: str = ""
+    zeroshot_data: str = ""
+    cra_data: str = ""
+    captions_field: str = "captions"  # json list of an image's captions (retrieval, cra); a string is one caption
+    label_field: str = "label"  # json int: the zero-shot class index
+    # json {"classes": [...], "templates": ["a photo of a {}.", ...]}; empty: zeroshot.json beside the zero-shot data
+    zeroshot_classes: str = ""
 
 
 @dataclass
 class ProCLIPConfig:
-    """ProCLIP stage 1 (train.stage=proclip_inherit): distil a frozen CLIP text encoder into the LLM adapter."""
+    """ProCLIP stage 1 (train.stage=proclip_inherit): distil a frozen CLIP text encoder into the LLM adapter.
+
+    Captions whose teacher tokenisation is longer than the teacher reads (its position table, capped by
+    data.max_text_len) are never teacher views: they are dropped from the loss and counted in skipped_samples, since
+    a truncated teacher would teach the adapter to ignore everything the LLM sees past the cut.
+    """
 
     # HF CLIPTextModelWithProjection directory with its tokenizer (data_prep/train_reference_clip.py writes one
     # to <out>/text); its projection_dim must equal model.embed_dim.
     teacher_text: str = ""
-    instance_weight: float = 1.0  # weight of L_ins = mean ||norm(adapter(t')) - norm(E_T(T))||^2
+    instance_weight: float = 1.0  # weight of L_ins = R_i ||norm(adapter(t'_i)) - norm(E_T(T_i))||^2, R: reduction
     structure_weight: float = 1.0  # weight of L_struct = smoothL1(pdist(student), pdist(teacher))
+    # How L_ins and L_struct reduce over rows/pairs, and the views' losses over views: mean (per sample, per pair, per
+    # view) or sum (the official ProCLIP code). With b rows per rank, sum = b * mean for L_ins and b(b-1)/2 * mean for
+    # L_struct, so under sum the structure/instance ratio grows by (b-1)/2 and both weights act b times larger: the
+    # official weights (1, 1) under sum equal instance_weight=b, structure_weight=b(b-1)/2 under mean
+    # (docs/RECIPES.md).
+    reduction: str = "mean"
+    # Caption fields distilled per sample. Empty: one view, the caption drawn by data.caption_fields. Several (the
+    # official recipe: [short, raw]): every sample is distilled on each field's caption, the per-view losses reduced
+    # by `reduction`; every training sample must carry every field.
+    views: list[str] = field(default_factory=list)
+    # Views that also get L_struct (empty: all). The official code distils structure on the short captions only.
+    structure_views: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -248,12 +280,24 @@ class Stage1Config:
     temperature: float = 0.02  # SimCSE softmax temperature (LLM2Vec's scale 50)
     fields: list[str] = field(default_factory=lambda: ["short", "long"])  # caption fields two of which make a pair
     random_direction: bool = True  # which caption of a pair queries is random per pair (else fields order)
-    hard_negatives: bool = True  # one mined hard negative per pair (a caption of another image)
-    negative_window: int = 16  # pairs around a pair that its hard negative is mined from
+    hard_negatives: bool = True  # one hard negative per pair (a caption of another image)
+    # How it is chosen among the captions of other images in the window: "mined" (most words shared with the
+    # positive) or "random" (uniform; a random other image).
+    negative_mode: str = "mined"
+    negative_window: int = 16  # pairs around a pair that its hard negative is drawn from
+    # LLM2Vec draws every batch from one dataset when it mixes several (in-batch negatives then are same-task
+    # captions, not trivially told apart by style). True: each step's global batch comes from one source, a
+    # ``::``-separated part of data.train_shards, drawn with probability proportional to its bytes on disk.
+    one_source_per_batch: bool = False
     # Caption-retrieval accuracy (CRA) split: caption eval_fields[0] of each image queries all eval_fields[1]s.
     eval_pairs: str | None = None  # shards or pair files; None = no CRA
     eval_fields: list[str] = field(default_factory=lambda: ["short", "long"])
-    # Optional MNTP pre-step (masked next-token prediction, LLM2Vec): steps of it before SimCSE; 0 = off.
+    # The CRA queries' instruction: "" (LLM2CLIP's protocol: caption 1 <-> caption 2 of one image, no prefix, so
+    # numbers compare with the paper's), "auto" (as trained: chosen by the pair's direction) or a literal one.
+    eval_instruction: str = ""
+    # Optional MNTP pre-step (masked next-token prediction, LLM2Vec): steps of it before SimCSE; 0 = off. As in
+    # LLM2Vec it trains its own LoRA (model.llm.lora_*), merged into the base before SimCSE's fresh LoRA starts;
+    # checkpoints keep it (mntp_lora.safetensors) and their lora.safetensors is both LoRAs as one of rank 2r.
     mntp_steps: int = 0
     mntp_probability: float = 0.2  # share of caption tokens masked
     mntp_lr: float = 5.0e-5

@@ -1,9 +1,12 @@
 """Stage-1 pair files: caption pairs from ``.jsonl``/``.csv`` files, read line by line, whole or by byte range.
 
-Format: a ``.jsonl`` line is an object with string ``query``, ``positive`` and optionally ``negative``; a ``.csv``
-file starts with a header row naming those columns, then one row per pair (an empty ``negative`` cell, like an
-absent jsonl key, means no negative is given). Blank lines are not rows. A pair's ``group`` is
-``<path>@<byte offset of its line>``.
+Format: a ``.jsonl`` line is an object with string ``query``, ``positive`` and optionally ``negative`` and
+``instruction``; a ``.csv`` file starts with a header row naming those columns, then one row per pair (an empty
+``negative`` or ``instruction`` cell, like an absent jsonl key, means none is given). A row's ``instruction`` is the
+query's instruction for that row, used verbatim (end it with the separator the caption should follow, e.g. ": "),
+in place of the one ``model.llm.instruction`` or the pair's direction would choose: LLM2Vec's mixes give each
+dataset its own task instruction. Blank lines are not rows. A pair's ``group`` is ``<path>@<byte offset of its
+line>``.
 
 Byte-range split (:func:`read_pair_range`): part ``p`` of ``P`` takes the lines that *start* in bytes
 ``[p*S//P, (p+1)*S//P)`` of the ``S``-byte file; it seeks there, drops the partial line and reads on past its end
@@ -19,7 +22,8 @@ middle lines of a cell spanning three or more lines cannot be told from rows and
 Counted skips (:class:`~llm2clip_scale.data.shards.SkipCounter`): ``read_error`` (file unreadable, csv header
 without query/positive columns), ``bad_json`` (jsonl line that is not UTF-8 or does not parse to an object),
 ``bad_row`` (csv line that is not UTF-8 or has the wrong number of cells), ``missing_caption`` (an empty or
-non-string query/positive/negative), ``quoted_newline``. Problems of the file as a whole are counted by part 0
+non-string query/positive/negative), ``bad_instruction`` (a jsonl ``instruction`` that is not a string),
+``quoted_newline``. Problems of the file as a whole are counted by part 0
 only and a line's by the part it starts in, so counts sum over the parts to those of reading the whole file.
 """
 
@@ -49,6 +53,7 @@ class CaptionPair:
     group: str = ""  # the image (sample key) or file line the captions describe; negatives come from another group
     query_field: str | None = None
     positive_field: str | None = None
+    instruction: str | None = None  # the query's own instruction (pair files); None = the collator chooses
 
 
 class _Uncounted(SkipCounter):
@@ -189,8 +194,13 @@ def _pair_from_record(record: object, where: str, skips: SkipCounter) -> Caption
     if query is None or positive is None or (raw_negative not in (None, "") and negative is None):
         skips.add("missing_caption", where)
         return None
+    instruction = record.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        skips.add("bad_instruction", where, f"a {type(instruction).__name__}, not a string")
+        return None
     skips.good()
-    return CaptionPair(query, positive, negative, where)
+    # Kept verbatim (its trailing separator matters), but a blank one means "none given", as an empty cell does.
+    return CaptionPair(query, positive, negative, where, instruction=instruction if _cell(instruction) else None)
 
 
 __all__ = [

@@ -5,14 +5,23 @@ pairs is small next to the LLM's forward and backward), so the data is split by 
 Each rank reads only its share of ``data.train_shards`` (:func:`llm2clip_scale.data.pairs.iter_caption_pairs`:
 tar shards by rank, pair files by byte range); the TP/PP ranks of one model replica pass the same LLM-DP rank and
 so read the same pairs in the same order.
+
+``stage1.one_source_per_batch`` (LLM2Vec's batching of dataset mixes): every step's batch comes from one source, a
+``::``-separated part of ``data.train_shards``. The source of step ``t`` is drawn by an RNG of the seed alone, with
+probability proportional to the source's bytes (LLM2Vec shuffles all datasets' batches together, so a dataset's
+share of batches is its share of the data); all LLM-DP ranks draw the same one, so the whole global batch — and
+with it every in-batch negative of SimCSE, which spans the DP group — is one source's. Each source is its own
+endless stream of passes over this rank's share of it (pass ``k`` reshuffled with (seed, source, k)).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from llm2clip_scale.config.load import expand_shards
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.data.pairs import CaptionPair, batch_pairs, iter_caption_pairs
 from llm2clip_scale.data.shards import SkipCounter
@@ -57,14 +66,21 @@ class PairBatches:
                              f"{self.dp_rank} of {self.dp_size}; a data position only carries over to the same split")
         self.epoch, self.taken, self._saved_skips = state["epoch"], state["taken"], dict(state["skips"])
 
+    def _pairs(self, source: str, seed: int) -> Iterator[CaptionPair]:
+        s1 = self.cfg.stage1
+        return iter_caption_pairs(
+            source, self.skips, fields=s1.fields, rank=self.dp_rank, world_size=self.dp_size, seed=seed,
+            random_direction=s1.random_direction, hard_negatives=s1.hard_negatives,
+            negative_window=s1.negative_window, negative_mode=s1.negative_mode,
+        )
+
     def __iter__(self) -> Iterator[dict]:
-        cfg, s1 = self.cfg, self.cfg.stage1
+        if self.cfg.stage1.one_source_per_batch:
+            yield from self._one_source_batches()
+            return
+        cfg = self.cfg
         for epoch in itertools.count(self.epoch):
-            pairs = iter_caption_pairs(
-                cfg.data.train_shards, self.skips, fields=s1.fields, rank=self.dp_rank, world_size=self.dp_size,
-                seed=cfg.train.seed + epoch, random_direction=s1.random_direction, hard_negatives=s1.hard_negatives,
-                negative_window=s1.negative_window,
-            )
+            pairs = self._pairs(cfg.data.train_shards, cfg.train.seed + epoch)
             rng = random.Random(f"stage1/shuffle/{cfg.train.seed}/{epoch}/{self.dp_rank}")
             stream = shuffled(pairs, cfg.data.shuffle_buffer, rng)
             skip = self.taken if epoch == self.epoch else 0
@@ -81,6 +97,49 @@ class PairBatches:
                 raise ValueError(f"data.train_shards: LLM data-parallel rank {self.dp_rank} of {self.dp_size} has "
                                  f"fewer good pairs in its share than one batch of {self.pairs_per_rank} "
                                  f"(skipped: {self.skips.counts}); give more data or fewer ranks")
+
+    def _one_source_batches(self) -> Iterator[dict]:
+        """Module doc. The position is the number of batches taken (``taken``): replaying the source draws for that
+        many steps gives each source's batch count, and each source stream is re-read up to it (without
+        tokenising), so a resumed run continues exactly. ``epoch`` is not advanced here; it only seeds the draws
+        and passes, so a stream started with another one (a run resumed on a new split) is a fresh one."""
+        cfg = self.cfg
+        sources = cfg.data.train_shards.split("::")
+        weights = [float(sum(os.path.getsize(url) for url in expand_shards(source))) for source in sources]
+        draws = random.Random(f"stage1/sources/{cfg.train.seed}/{self.epoch}")
+        streams: dict[int, Iterator[CaptionPair]] = {}
+        resumed = [0] * len(sources)
+        for _ in range(self.taken):
+            resumed[draws.choices(range(len(sources)), weights)[0]] += 1
+        for index, batches in enumerate(resumed):
+            if batches:
+                streams[index] = self._source_stream(sources[index], index)
+                for _ in itertools.islice(streams[index], batches * self.pairs_per_rank):
+                    pass
+        if self._saved_skips is not None:
+            self.skips.counts = self._saved_skips
+            self._saved_skips = None
+        while True:
+            index = draws.choices(range(len(sources)), weights)[0]
+            if index not in streams:
+                streams[index] = self._source_stream(sources[index], index)
+            batch = list(itertools.islice(streams[index], self.pairs_per_rank))
+            self.taken += 1
+            yield self.collate(batch)
+
+    def _source_stream(self, source: str, index: int) -> Iterator[CaptionPair]:
+        """This rank's pairs of one source, pass after pass, each reshuffled; raises when a pass yields none."""
+        cfg = self.cfg
+        for epoch in itertools.count(self.epoch):
+            rng = random.Random(f"stage1/shuffle/{cfg.train.seed}/source{index}/{epoch}/{self.dp_rank}")
+            count = 0
+            for pair in shuffled(self._pairs(source, cfg.train.seed + epoch), cfg.data.shuffle_buffer, rng):
+                count += 1
+                yield pair
+            if count == 0:
+                raise ValueError(f"data.train_shards: source {index} ({source}) has no good pairs in the share of "
+                                 f"LLM data-parallel rank {self.dp_rank} of {self.dp_size} (skipped: "
+                                 f"{self.skips.counts}); give it more data, fewer ranks, or drop it")
 
 
 __all__ = ["PairBatches", "shuffled"]

@@ -5,9 +5,10 @@
 - Pair files: ``.jsonl`` objects or ``.csv`` rows with columns ``query``, ``positive`` and optionally ``negative``,
   read by :mod:`llm2clip_scale.data.pair_files` (format, byte-range split and the skips it counts are there).
 - Hard negatives: where a pair has none, :func:`attach_hard_negatives` takes a caption of a *different* image from a
-  small look-ahead/look-behind window of the stream, preferring the one that shares most words with the positive
-  (a near miss is what teaches fine distinctions); captions textually equal to the query or positive are never used,
-  as two images with one caption would make a false negative.
+  small look-ahead/look-behind window of the stream: ``mined`` (default) prefers the one that shares most words
+  with the positive (a near miss is what teaches fine distinctions), ``random`` draws any of them uniformly (a
+  random other image: an easier negative, the control for what mining adds); captions textually equal to the query
+  or positive are never used, as two images with one caption would make a false negative.
 
 Bad input never stops a run; it is skipped and counted by reason in a :class:`SkipCounter`: for shards
 ``read_error`` (shard unreadable), ``bad_json`` (sample json that does not parse to an object), ``missing_caption``
@@ -99,18 +100,25 @@ def _words(text: str) -> set[str]:
     return set(text.lower().split())
 
 
+NEGATIVE_MODES = ("mined", "random")
+
+
 def attach_hard_negatives(
-    pairs: Iterable[CaptionPair], rng: random.Random, skips: SkipCounter, window: int = DEFAULT_NEGATIVE_WINDOW
+    pairs: Iterable[CaptionPair], rng: random.Random, skips: SkipCounter, window: int = DEFAULT_NEGATIVE_WINDOW,
+    mode: str = "mined",
 ) -> Iterator[CaptionPair]:
     """Give every pair without a negative the caption of another group from a window of ``window`` pairs around it.
 
     A pair waits until ``window - 1`` later pairs arrived (look-ahead), and the last ``window`` emitted pairs are
-    kept (look-behind), so the first pairs of a stream have candidates too. Among candidates of other groups, the
-    positive-side caption sharing most words with the positive wins (ties at random). Pairs that already carry a
-    negative pass through untouched (in stream order).
+    kept (look-behind), so the first pairs of a stream have candidates too. Among candidates of other groups,
+    ``mode="mined"`` takes the caption sharing most words with the positive (ties at random), ``mode="random"``
+    any candidate, uniformly; either way the draws come from ``rng`` alone, so a seed fixes them. Pairs that already
+    carry a negative pass through untouched (in stream order).
     """
     if window < 2:
         raise ValueError(f"hard-negative window must be >= 2, got {window}")
+    if mode not in NEGATIVE_MODES:
+        raise ValueError(f"hard-negative mode {mode!r} unknown; use one of {', '.join(NEGATIVE_MODES)}")
     ahead: deque[CaptionPair] = deque()
     behind: deque[CaptionPair] = deque(maxlen=window)
 
@@ -125,6 +133,9 @@ def attach_hard_negatives(
         if not candidates:
             skips.add("no_negative", pair.group)
             return None
+        if mode == "random":
+            # Sorted and deduplicated, as for mined ties: the draw depends on the set of captions, not on their order.
+            return replace(pair, negative=rng.choice(sorted(set(candidates))))
         target = _words(pair.positive)
         scores = [len(target & _words(c)) for c in candidates]
         best = max(scores)
@@ -166,6 +177,7 @@ def iter_caption_pairs(
     hard_negatives: bool = True,
     negative_window: int = DEFAULT_NEGATIVE_WINDOW,
     deal: bool = False,
+    negative_mode: str = "mined",
 ) -> Iterator[CaptionPair]:
     """One pass over ``source`` (a brace/glob pattern of ``.tar`` shards and/or ``.jsonl``/``.csv`` pair files;
     ``::`` joins patterns), this rank's share of it, in a deterministic order.
@@ -180,7 +192,8 @@ def iter_caption_pairs(
     (a pair file is then read whole: :func:`~llm2clip_scale.data.pair_files.read_pair_file`). Skip counts are then
     every rank's own.
 
-    Negatives are attached after splitting, from this rank's own stream, with an RNG seeded by (seed, rank).
+    Negatives are attached after splitting, from this rank's own stream, with an RNG seeded by (seed, rank),
+    ``negative_mode`` (mined or random) choosing among the candidates (:func:`attach_hard_negatives`).
     """
     urls = expand_shards(source) if source else []
     if not urls:
@@ -191,7 +204,8 @@ def iter_caption_pairs(
     pairs = read(urls, skips, fields, rank, world_size, seed, random_direction)
     if not hard_negatives:
         return pairs
-    return attach_hard_negatives(pairs, random.Random(f"pairs/negatives/{seed}/{rank}"), skips, negative_window)
+    return attach_hard_negatives(pairs, random.Random(f"pairs/negatives/{seed}/{rank}"), skips, negative_window,
+                                 negative_mode)
 
 
 def _dealt_pairs(urls: list[str], skips: SkipCounter, fields: Sequence[str], rank: int, world_size: int, seed: int,
@@ -254,8 +268,9 @@ def _rank_pairs(urls: list[str], skips: SkipCounter, fields: Sequence[str], rank
 
 
 class PairCollator:
-    """Pairs -> tensors. Queries carry an instruction (``instruction`` if given, else one chosen by the pair's
-    direction); positives and negatives are embedded as plain captions, as in LLM2Vec's supervised training.
+    """Pairs -> tensors. Queries carry an instruction (the pair's own if it has one, else ``instruction`` if given,
+    else one chosen by the pair's direction); positives and negatives are embedded as plain captions, as in
+    LLM2Vec's supervised training.
 
     Batch keys: ``query_{input_ids,attention_mask,pool_mask}``, ``positive_{...}`` and, when every pair has a
     negative, ``negative_{...}`` (long, (b, L) each), plus ``groups`` (list of str).
@@ -269,8 +284,11 @@ class PairCollator:
     def __call__(self, pairs: Sequence[CaptionPair]) -> dict:
         if not pairs:
             raise ValueError("PairCollator: empty batch")
+        # A pair's own instruction (a pair file's column) is the most specific, so it wins over the configured one.
         instructions = [
-            self.instruction if self.instruction is not None else instruction_for(p.query_field, p.positive_field)
+            p.instruction if p.instruction is not None
+            else self.instruction if self.instruction is not None
+            else instruction_for(p.query_field, p.positive_field)
             for p in pairs
         ]
         batch: dict = {"groups": [p.group for p in pairs]}
@@ -307,6 +325,7 @@ def shard_source(paths: Sequence[str | Path]) -> str:
 
 
 __all__ = [
+    "NEGATIVE_MODES",
     "CaptionPair",
     "PairCollator",
     "attach_hard_negatives",

@@ -5,6 +5,8 @@ caption fields that mimic what LLM2CLIP mixes: ``raw`` (terse alt-text that name
 dense: every object with size, colour and shape) and ``long`` (long dense: positions and pairwise relations too).
 The attribute space (6 colours x 3 shapes x 2 sizes x 9 cells, up to 3 objects, 3 backgrounds) is large enough that
 most held-out multi-object scenes are novel, while every word is seen often: a tiny CLIP can learn it on CPU.
+For evaluation (docs/EVAL.md) each json also lists five paraphrased ``captions`` and, for 1-object scenes, a zero-shot
+``label`` (colour + shape; class names and prompt templates in ``zeroshot.json``).
 
 Everything derives from ``seed``: sample ``i`` of a split gets its own RNG, so the same seed reproduces byte-identical
 shards regardless of how many samples are asked for, and a changed eval size never changes the train split.
@@ -42,10 +44,24 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 CAPTION_FIELDS: tuple[str, ...] = ("raw", "short", "long")
+# Evaluation extras (docs/EVAL.md): every sample's json also lists CAPTIONS_PER_SAMPLE paraphrases under
+# MULTI_CAPTION_FIELD (multi-caption retrieval, CRA), and 1-object scenes carry LABEL_FIELD, the index of their
+# "<colour> <shape>" in ZEROSHOT_CLASSES (zero-shot). Drawn from their own RNG, so the other fields, the images and
+# the tokenizer are what they were before these existed.
+MULTI_CAPTION_FIELD = "captions"
+CAPTIONS_PER_SAMPLE = 5
+LABEL_FIELD = "label"
+ZEROSHOT_FILE = "zeroshot.json"
+# Bumped when a build adds content: 2 added the eval fields. A dataset of an older format with the same parameters
+# is rebuilt without --force (its older fields and images come out byte-identical, so nothing is lost).
+FORMAT = 2
 SPLITS: tuple[str, ...] = ("train", "eval")
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 MAX_VOCAB = 256  # tiny CPU LLM configs use vocab_size 256; the tokenizer must fit inside it
 _COUNT_WORDS = ("one", "two", "three")
+ZEROSHOT_CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+# Templates use only caption words, so the tokenizer (trained on the caption fields) covers them.
+ZEROSHOT_TEMPLATES: tuple[str, ...] = ("a {}", "a picture of a {}", "the {} on a background", "a {} in the picture")
 _SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges without any drawing library beyond PIL
 _TAR_MTIME = 0  # fixed tar member mtime so the same seed gives byte-identical shards
 
@@ -164,6 +180,28 @@ def _long_caption(scene: Scene) -> str:
     return " ".join(sentences)
 
 
+def paraphrase_captions(scene: Scene, rng: random.Random) -> list[str]:
+    """CAPTIONS_PER_SAMPLE captions of one scene in different wordings and object orders (COCO-style references)."""
+    objects = list(scene.objects)
+    first, second = rng.sample(objects, len(objects)), rng.sample(objects, len(objects))
+    count = len(objects)
+    return [
+        _join([f"a {o.size} {o.noun}" for o in first]),
+        "a picture of " + _join([f"a {o.size} {o.noun}" for o in second]) + f" on a {scene.background} background",
+        _join([f"a {o.noun} in the {o.position}" for o in first]),
+        f"{_COUNT_WORDS[count - 1]} {'shape' if count == 1 else 'shapes'} on a {scene.background} background, "
+        + _join([f"the {o.size} {o.noun}" for o in second]),
+        _join([f"the {o.size} {o.noun} in the {o.position}" for o in second]),
+    ]
+
+
+def scene_label(scene: Scene) -> int | None:
+    """Zero-shot class of a 1-object scene (index into ZEROSHOT_CLASSES); None when several objects make it unclear."""
+    if len(scene.objects) != 1:
+        return None
+    return ZEROSHOT_CLASSES.index(scene.objects[0].noun)
+
+
 def vocabulary_words() -> list[str]:
     """Every word the caption templates can produce, so the tokenizer covers eval even from a tiny train split."""
     words = set(COLOURS) | set(SHAPES) | set(SIZES) | set(ROWS) | set(COLUMNS) | set(BACKGROUNDS) | set(_COUNT_WORDS)
@@ -181,7 +219,11 @@ def make_sample(split: str, index: int, image_size: int, seed: int) -> dict:
         **describe_scene(scene, rng),
         "objects": [asdict(o) for o in scene.objects],
         "background": scene.background,
+        MULTI_CAPTION_FIELD: paraphrase_captions(scene, random.Random(f"llm2clip-synthetic/{seed}/{split}/{index}/ev")),
     }
+    label = scene_label(scene)
+    if label is not None:
+        meta[LABEL_FIELD] = label
     png = io.BytesIO()
     image.save(png, format="PNG", optimize=False)
     return {
@@ -259,9 +301,10 @@ def build_synthetic_dataset(out_dir: str | os.PathLike, params: SyntheticParams,
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a dataset directory")
     existing = _read_summary(out)
-    if existing is not None and existing.get("params") == asdict(params) and not force:
+    same_params = existing is not None and existing.get("params") == asdict(params)
+    if same_params and existing.get("format", 1) == FORMAT and not force:
         return BuildResult(summary=existing, reused=True)
-    if out.exists() and any(out.iterdir()) and not force:
+    if out.exists() and any(out.iterdir()) and not force and not same_params:
         what = "a dataset with other parameters" if existing else "files that are not a complete dataset"
         raise FileExistsError(f"{out} holds {what}; pass force=True (--force) to replace it")
 
@@ -295,7 +338,13 @@ def _build_into(tmp: Path, params: SyntheticParams) -> dict:
         "vocab_size": vocab_size,
         "seed": params.seed,
         "eval_long_caption_seen_in_train": _seen_fraction(metas["train"], metas["eval"]),
+        "format": FORMAT,
+        "multi_caption_field": MULTI_CAPTION_FIELD,
+        "label_field": LABEL_FIELD,
+        "zeroshot": ZEROSHOT_FILE,
     }
+    zeroshot = {"classes": list(ZEROSHOT_CLASSES), "templates": list(ZEROSHOT_TEMPLATES)}
+    (tmp / ZEROSHOT_FILE).write_text(json.dumps(zeroshot, indent=2) + "\n")
     # Written last: its presence is what marks the directory complete.
     (tmp / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -7,7 +7,6 @@ Plain filesystem and OmegaConf code: no torch.distributed, no model building.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,12 +227,8 @@ def _check_base_model(source: CheckpointSource) -> None:
 
 
 def read_adapter_config(lora_file: Path) -> dict:
-    """The ``adapter_config.json`` beside a ``lora.safetensors``: rank, alpha and targets the LoRA was trained with."""
-    meta_file = lora_file.with_name(ADAPTER_CONFIG_FILE)
+    """:func:`llm2clip_scale.checkpoint.layout.read_adapter_config`, its failures as ExportError."""
     try:
-        meta = json.loads(meta_file.read_text())
-        int(meta["lora_rank"]), float(meta["lora_alpha"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ExportError(f"{meta_file}: unreadable LoRA settings ({type(err).__name__}: {err}); it must record "
-                          "lora_rank and lora_alpha") from None
-    return meta
+        return layout.read_adapter_config(lora_file)
+    except (FileNotFoundError, ValueError) as err:
+        raise ExportError(str(err)) from None

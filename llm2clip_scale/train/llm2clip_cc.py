@@ -10,11 +10,17 @@ ranks of one model replica read the same pairs):
 CRA (caption-retrieval accuracy) is measured before training (the untuned tower), every ``eval.interval`` steps
 and at the end. Every checkpoint holds the LoRA adapters and their optimizer state sharded (``llm/``, reshardable
 to any TP/PP) and, for tools, one TP/PP-independent file ``<checkpoint.dir>/step<N>/lora.safetensors``.
+
+With ``stage1.mntp_steps`` the MNTP pre-step first trains its own LoRA and merges it into the base (LLM2Vec's
+order; ``train/mntp.py``); checkpoints then also hold it (``mntp_lora.safetensors``, merged again on resume), and
+``lora.safetensors`` is MNTP's and SimCSE's LoRA concatenated (rank ``2r``, alpha ``2 alpha``: the same update), so
+tools that merge it onto the original base get the trained tower.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -26,6 +32,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from llm2clip_scale.checkpoint.layout import ADAPTER_CONFIG_FILE, LORA_FILE, read_adapter_config
 from llm2clip_scale.checkpoint.lora import (
     load_global_lora_state,
     resolve_lora_path,
@@ -42,7 +49,7 @@ from llm2clip_scale.distributed.topology import Topology, build_topology, init_d
 from llm2clip_scale.eval.cra import caption_retrieval_accuracy, evaluate_cra
 from llm2clip_scale.losses.simcse import simcse_loss
 from llm2clip_scale.models.llm.embed import TextBatch, concat_texts, embed_texts
-from llm2clip_scale.models.llm.lora import apply_lora
+from llm2clip_scale.models.llm.lora import apply_lora, concat_lora_states
 from llm2clip_scale.models.llm.tower import LLMTextEncoder, build_text_tower
 from llm2clip_scale.train.grad_cache import grad_cache_step
 from llm2clip_scale.train.llm_lora import LoRATrainer
@@ -54,12 +61,18 @@ log = logging.getLogger("llm2clip_scale.train")
 
 def build_lora_tower(cfg: Config, dtype: torch.dtype, device: torch.device, lora: str | Path | None = None,
                      trainable: bool = True) -> tuple[LLMTextEncoder, list[nn.Parameter]]:
-    """This rank's tower shard with LoRA adapters (``model.llm.lora_*``), loaded from ``lora`` when given."""
+    """This rank's tower shard with LoRA adapters (``model.llm.lora_*``), loaded from ``lora`` when given; the rank,
+    alpha and targets are then the file's (its ``adapter_config.json``: an MNTP run's file is of rank ``2r``)."""
     llm = cfg.model.llm
     tower = build_text_tower(llm, params_dtype=dtype, trainable=trainable, device=device)
-    params = apply_lora(tower, llm.lora_rank, llm.lora_alpha, llm.lora_dropout, llm.lora_targets)
-    if lora is not None:
-        load_global_lora_state(tower, load_file(str(resolve_lora_path(lora))))
+    rank, alpha, targets = llm.lora_rank, llm.lora_alpha, list(llm.lora_targets)
+    lora_file = None if lora is None else resolve_lora_path(lora)
+    if lora_file is not None:
+        meta = read_adapter_config(lora_file)
+        rank, alpha, targets = meta["lora_rank"], meta["lora_alpha"], meta["lora_targets"]
+    params = apply_lora(tower, rank, alpha, llm.lora_dropout, targets)
+    if lora_file is not None:
+        load_global_lora_state(tower, load_file(str(lora_file)))
     return tower, params
 
 
@@ -70,6 +83,13 @@ def pair_collator(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PairCollat
     """Pairs -> token rows as the config says: caption format, length and instruction ("auto": PairCollator picks
     it by the pair's direction, short -> detailed caption or back)."""
     instruction = None if cfg.model.llm.instruction == "auto" else cfg.model.llm.instruction
+    return PairCollator(tokenizer, instruction, cfg.data.max_text_len, cfg.model.llm.caption_format)
+
+
+def cra_collator(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PairCollator:
+    """Pairs -> token rows for CRA: the training format, with stage1.eval_instruction on the queries ("" by default:
+    the paper's protocol has no prefix; "auto": as trained)."""
+    instruction = None if cfg.stage1.eval_instruction == "auto" else cfg.stage1.eval_instruction
     return PairCollator(tokenizer, instruction, cfg.data.max_text_len, cfg.model.llm.caption_format)
 
 
@@ -141,6 +161,7 @@ class LLM2CLIPCaptionContrastiveTask:
         self.skips = SkipCounter("stage1 train pairs")
         self.eval_skips = SkipCounter("stage1 eval pairs")
         self._eval_batches: list[dict] | None = None
+        self.mntp_state: dict[str, Tensor] | None = None  # the merged MNTP LoRA (global keys), once there is one
         self.pairs = PairBatches(cfg, self.collate, topo.llm_dp_rank, topo.llm_dp_size, self.skips)
         self.max_replay_error = 0.0
 
@@ -157,7 +178,10 @@ class LLM2CLIPCaptionContrastiveTask:
         if self.cfg.stage1.mntp_steps > 0:
             from llm2clip_scale.train.mntp import run_mntp
 
-            result["mntp"] = run_mntp(self, self.cfg.stage1.mntp_steps)
+            result["mntp"], self.mntp_state = run_mntp(self, self.cfg.stage1.mntp_steps)
+            # SimCSE's LoRA, fresh (B = 0) on the merged base, with a fresh optimizer and schedule.
+            self.lora = LoRATrainer(self.tower, self.cfg)
+            self.params = self.lora.params
             log.info("MNTP: %d steps, loss %.4f -> %.4f", self.cfg.stage1.mntp_steps, result["mntp"]["first_loss"],
                      result["mntp"]["final_loss"])
         return result
@@ -169,7 +193,7 @@ class LLM2CLIPCaptionContrastiveTask:
         if self.cfg.stage1.eval_pairs is None:
             return None
         if self._eval_batches is None:
-            collate = pair_collator(self.cfg, self.tokenizer)
+            collate = cra_collator(self.cfg, self.tokenizer)
             self._eval_batches = eval_batches(self.cfg, collate, self.topo.llm_dp_rank, self.topo.llm_dp_size,
                                               self.eval_skips)
         metrics = pairs_cra(self.tower, self._eval_batches, self.cfg.eval.batch_size, self.topo.device)
@@ -207,6 +231,20 @@ class LLM2CLIPCaptionContrastiveTask:
 
     def state(self) -> TaskState:
         llm_state, shared = self.lora.checkpoint_parts()
+        if self.mntp_state is not None:
+            from llm2clip_scale.train.mntp import MNTP_LORA_FILE
+
+            llm = self.cfg.model.llm
+            shared[MNTP_LORA_FILE] = self.mntp_state
+            # Both LoRAs have scaling alpha / r, so stacked they are one of rank 2r and alpha 2 alpha (module doc).
+            simcse = shared[LORA_FILE]
+            assert isinstance(simcse, dict)
+            shared[LORA_FILE] = concat_lora_states(self.mntp_state, simcse)
+            meta = json.loads(str(shared[ADAPTER_CONFIG_FILE]))
+            meta.update(lora_rank=2 * llm.lora_rank, lora_alpha=2 * llm.lora_alpha,
+                        mntp={"file": MNTP_LORA_FILE, "steps": self.cfg.stage1.mntp_steps,
+                              "note": "lora.safetensors = MNTP LoRA (rows/columns 0..r-1) + SimCSE LoRA (r..2r-1)"})
+            shared[ADAPTER_CONFIG_FILE] = json.dumps(meta, indent=2)
         return TaskState(
             llm=llm_state,
             shared=shared,
@@ -214,6 +252,16 @@ class LLM2CLIPCaptionContrastiveTask:
         )
 
     def load_state(self, shared: dict, rank: dict | None) -> None:
+        from llm2clip_scale.train.mntp import MNTP_LORA_FILE, merge_saved_mntp
+
+        if MNTP_LORA_FILE in shared:
+            # The checkpoint's SimCSE adapters were trained on the MNTP-merged base: rebuild it under them.
+            self.mntp_state = shared[MNTP_LORA_FILE]
+            merge_saved_mntp(self.tower, self.mntp_state, self.cfg.model.llm)
+        elif self.cfg.stage1.mntp_steps > 0:
+            log.warning("stage1.mntp_steps=%d but the checkpoint holds no %s (written without MNTP, or by a version "
+                        "that trained MNTP into the SimCSE LoRA); resuming without merging one",
+                        self.cfg.stage1.mntp_steps, MNTP_LORA_FILE)
         if rank is not None:
             self.pairs.load_state_dict(rank["pairs"])
             self.max_replay_error = rank["max_replay_error"]
@@ -240,7 +288,7 @@ def evaluate_checkpoint_cra(cfg: Config, lora: str | Path | None = None) -> dict
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     tower, _ = build_lora_tower(cfg, dtype, topo.device, lora=lora, trainable=False)
     tokenizer = load_tokenizer(cfg.model.llm.tokenizer)
-    collate = pair_collator(cfg, tokenizer)
+    collate = cra_collator(cfg, tokenizer)
     skips = SkipCounter("cra pairs")
     batches = eval_batches(cfg, collate, topo.llm_dp_rank, topo.llm_dp_size, skips)
     result = pairs_cra(tower, batches, cfg.eval.batch_size, topo.device)

@@ -3,8 +3,12 @@
 The path of one batch, top to bottom:
   loader (this rank's b samples: LLM token ids + raw captions) -> TP group embeds its ranks' captions once (frozen
   LLM, or sidecar embeddings offline) -> DeepSpeed engine holding only the adapter -> student s = adapter(t')
-  teacher t = E_T(captions) (frozen HF CLIP text encoder, its own tokenizer, on every rank)
+  teacher t = E_T(captions) (frozen HF CLIP text encoder, its own tokenizer, on every rank), on the captions it
+  reads whole only: a longer one is dropped from the loss and counted in skipped_samples
   loss = instance_weight * L_ins(s, t) + structure_weight * L_struct(s, t) -> engine.backward/step
+With proclip.views (the official recipe: short and raw captions), every sample is distilled on each view's caption:
+one loader per view (same seed and shards, so the same samples in the same order), one adapter forward over all
+views' rows, the per-view terms reduced by proclip.reduction (losses/proclip.py: multi_view_losses).
 At the end rank 0 writes ``<checkpoint.dir>/adapter.safetensors``, which ProCLIP stage 2 loads through
 ``model.adapter_init``; the held-out split measures how well the adapter reproduces the teacher.
 
@@ -16,6 +20,8 @@ structure within the local batch, see losses/proclip.py); DeepSpeed averages the
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,13 +29,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from llm2clip_scale.checkpoint.manager import TaskState
-from llm2clip_scale.config.schema import Config
+from llm2clip_scale.config.schema import Config, DataConfig, ProCLIPConfig
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
-from llm2clip_scale.distributed.collectives import gather_in_sample_order
+from llm2clip_scale.distributed.collectives import gather_in_sample_order, sum_over_ranks
 from llm2clip_scale.distributed.topology import Topology
-from llm2clip_scale.losses.proclip import instance_loss, structure_loss
+from llm2clip_scale.losses.proclip import instance_loss, multi_view_losses, structure_loss
 from llm2clip_scale.models.adapter import LLMAdapter
 from llm2clip_scale.models.clip_text import CLIPTextTeacher, load_clip_text_teacher
 from llm2clip_scale.models.llm.tower import build_text_tower
@@ -56,8 +63,63 @@ class AdapterStudent(nn.Module):
         return self.adapter(llm_embeddings)
 
 
+def teacher_reads_whole(tokenizer: PreTrainedTokenizerBase, captions: list[str], limit: int) -> list[bool]:
+    """Whether each caption's full teacher tokenisation (special tokens included) fits in ``limit`` tokens."""
+    ids = tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+    return [len(row) <= limit for row in ids]
+
+
+@dataclass
+class Distilled:
+    """One micro-batch's stage-1 loss and its parts; ``dropped``/``views`` count captions refused / offered as
+    teacher views on this rank."""
+
+    loss: torch.Tensor
+    l_ins: torch.Tensor
+    l_struct: torch.Tensor
+    dropped: int
+    views: int
+
+
+class Distiller:
+    """The teacher side of stage 1: keeps the captions the teacher reads whole, embeds them, and forms the loss.
+
+    A caption longer than the teacher's context would be truncated by it while the LLM reads it whole, so the
+    adapter would learn to ignore everything past the cut; such captions are no teacher views (dropped, counted).
+    """
+
+    def __init__(self, teacher: CLIPTextTeacher, proclip: ProCLIPConfig, max_text_len: int,
+                 device: torch.device | str) -> None:
+        self.teacher, self.device = teacher, device
+        self.limit = min(teacher.max_length, max_text_len)  # what CLIPTextTeacher.encode reads of a caption
+        self.instance_weight, self.structure_weight = proclip.instance_weight, proclip.structure_weight
+        self.reduction = proclip.reduction
+        self.structure_views = set(proclip.structure_views)
+
+    def __call__(self, views: dict[str, tuple[torch.Tensor, list[str]]]) -> Distilled:
+        """``views``: field -> (student rows, their captions); the field "" is the single drawn-caption view."""
+        pairs, structure, dropped, offered = [], [], 0, 0
+        for name, (student, captions) in views.items():
+            keep = teacher_reads_whole(self.teacher.tokenizer, captions, self.limit)
+            kept = [caption for caption, ok in zip(captions, keep) if ok]
+            dropped, offered = dropped + len(captions) - len(kept), offered + len(captions)
+            rows = torch.tensor(keep, dtype=torch.bool, device=student.device)
+            teacher = (self.teacher.encode(kept, self.device, self.limit) if kept
+                       else student.new_zeros(0, student.shape[1]))
+            pairs.append((student[rows], teacher))
+            structure.append(not self.structure_views or name in self.structure_views)
+        ins, struct = multi_view_losses(pairs, structure, self.reduction)
+        loss = self.instance_weight * ins + self.structure_weight * struct
+        return Distilled(loss, ins, struct, dropped, offered)
+
+
 class InheritStep:
-    """One micro-batch: LLM embeddings -> adapter (student) vs the CLIP text teacher on the same captions."""
+    """One micro-batch: LLM embeddings -> adapter (student) vs the CLIP text teacher on the same captions.
+
+    A batch is the loader's batch (one view: the drawn caption) or a tuple of the proclip.views loaders' batches, in
+    that order (a tuple, so the loop's FLOP count sees every view's captions), whose views' LLM embeddings go
+    through the adapter in one forward.
+    """
 
     def __init__(self, engine, text_tower: nn.Module | None, teacher: CLIPTextTeacher, topo: Topology,
                  dtype: torch.dtype, cfg: Config) -> None:
@@ -66,30 +128,33 @@ class InheritStep:
         self.teacher = teacher
         self.topo = topo
         self.dtype = dtype
-        self.instance_weight = cfg.proclip.instance_weight
-        self.structure_weight = cfg.proclip.structure_weight
         self.max_text_len = cfg.data.max_text_len
+        self.distiller = Distiller(teacher, cfg.proclip, cfg.data.max_text_len, topo.device)
+        self.view_names = list(cfg.proclip.views)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def llm_embeddings(self, batch: dict) -> torch.Tensor:
         return caption_embeddings(batch, self.text_tower, self.tp_group, self.topo.device)
 
     def embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(student, teacher) float32; the teacher's rows are unit norm, the student's are raw adapter outputs."""
+        """(student, teacher) float32 of a one-view batch, every caption (evaluation: the teacher truncates as it
+        must); the teacher's rows are unit norm, the student's are raw adapter outputs."""
         student = self.engine(self.llm_embeddings(batch).to(self.dtype)).float()
         teacher = self.teacher.encode(batch["captions"], self.topo.device, self.max_text_len)
         return student, teacher
 
-    def losses(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ins = instance_loss(student, teacher)
-        struct = structure_loss(student, teacher)
-        return self.instance_weight * ins + self.structure_weight * struct, ins, struct
+    def distil(self, batch: dict | tuple[dict, ...]) -> Distilled:
+        views = dict(zip(self.view_names, batch, strict=True)) if isinstance(batch, tuple) else {"": batch}
+        llm = [self.llm_embeddings(view) for view in views.values()]  # same calls on every TP rank
+        students = self.engine(torch.cat(llm).to(self.dtype)).float().split([len(e) for e in llm])
+        return self.distiller({name: (student, view["captions"])
+                               for (name, view), student in zip(views.items(), students)})
 
-    def __call__(self, batch: dict) -> tuple[float, float, float]:
-        loss, ins, struct = self.losses(*self.embeddings(batch))
-        self.engine.backward(loss)  # a non-finite loss poisons the gradients, and DeepSpeed then skips the update
+    def __call__(self, batch: dict | tuple[dict, ...]) -> Distilled:
+        out = self.distil(batch)
+        self.engine.backward(out.loss)  # a non-finite loss poisons the gradients, and DeepSpeed then skips the update
         self.engine.step()
-        return loss.item(), ins.item(), struct.item()
+        return out
 
 
 def agreement_metrics(student: torch.Tensor, teacher: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
@@ -97,8 +162,8 @@ def agreement_metrics(student: torch.Tensor, teacher: torch.Tensor, ks: tuple[in
 
     cos_agreement: mean cosine of the pairs; cos_unpaired: mean cosine of a student to the other captions' teacher
     rows (the level a caption-agnostic adapter would reach); r{k}_s2t: text->text retrieval, each student row queries
-    all teacher rows, a hit when fewer than k teacher rows score strictly higher than its own (ties with duplicate
-    captions, whose teacher rows are identical, count as hits, as in eval/retrieval.py).
+    all teacher rows, a hit when fewer than k teacher rows score strictly higher than its own (ties count as hits,
+    unlike eval/ranking.py: the ties here are duplicate captions, whose identical teacher rows are right answers).
     """
     s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
     n = s.shape[0]
@@ -138,6 +203,33 @@ def evaluate(step_fn: InheritStep, cfg: Config, topo: Topology) -> dict:
     return agreement_metrics(all_students.cpu(), all_teachers.cpu())
 
 
+def view_data(data: DataConfig, field_name: str) -> DataConfig:
+    """``data`` with every training dataset drawing only ``field_name``: the stream of one view."""
+    only = {field_name: 1.0}
+    return replace(data, caption_fields=only,
+                   train_datasets=[replace(source, caption_fields=only) for source in data.train_datasets])
+
+
+def zip_views(streams: dict[str, Iterator[dict]]) -> Iterator[tuple[dict, ...]]:
+    """Batches of the views' loaders side by side, one tuple per micro-batch in the streams' order.
+
+    The loaders share seed, shards and draw order (only the caption field differs), so they yield the same samples
+    in the same order as long as every sample carries every field; a sample lacking one shifts one stream, and the
+    key check stops the run rather than distil one image's caption against another's.
+    """
+    while True:
+        views = {name: next(stream) for name, stream in streams.items()}
+        keys = [view["keys"] for view in views.values()]
+        if any(k != keys[0] for k in keys[1:]):
+            first = next(i for i, pair in enumerate(zip(*keys)) if len(set(pair)) > 1)
+            raise ValueError(
+                f"proclip.views {list(views)}: the views' streams disagree at sample {keys[0][first]!r} vs "
+                f"{[k[first] for k in keys[1:]]}; every training sample must carry every view field (check "
+                "the loaders' missing_caption skips), or use one view (proclip.views: [])"
+            )
+        yield tuple(views.values())
+
+
 class ProCLIPInheritTask(EngineTask):
     """ProCLIP stage 1 for the one loop (train/loop.py): the adapter alone under DeepSpeed, against the teacher."""
 
@@ -157,29 +249,65 @@ class ProCLIPInheritTask(EngineTask):
         student = AdapterStudent(LLMAdapter(cfg.model.adapter, cfg.model.embed_dim))
         self.engine = build_engine(student, cfg, topo.world_size, topo.device)
         self.step_fn = InheritStep(self.engine, text_tower, teacher, topo, dtype, cfg)
-        self.loader = build_train_loader(
-            cfg.data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
-            topo.world_size, cfg.train.seed, cfg.data.max_text_len, caption_format=cfg.model.llm.caption_format,
-        )
+        self.teacher_dropped = 0  # captions this rank refused as teacher views so far (rank state: survives resume)
+        datas = {name: view_data(cfg.data, name) for name in cfg.proclip.views} or {"": cfg.data}
+        self.loaders = {
+            name: build_train_loader(
+                data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
+                topo.world_size, cfg.train.seed, cfg.data.max_text_len, caption_format=cfg.model.llm.caption_format,
+            )
+            for name, data in datas.items()
+        }
+        self.loader = next(iter(self.loaders.values()))  # its skip counts are the run's (every view skips alike)
+
+    def batches(self) -> Iterator[list[dict]]:
+        if not self.cfg.proclip.views:
+            yield from super().batches()
+            return
+        accumulation = self.engine.gradient_accumulation_steps()
+        stream = zip_views({name: iter(loader) for name, loader in self.loaders.items()})
+        while True:
+            yield [next(stream) for _ in range(accumulation)]
 
     def step(self, micro_batches: list[dict]) -> StepOutput:
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = torch.zeros(4, dtype=torch.float64)
         for batch in micro_batches:
-            totals += torch.tensor(self.step_fn(batch), dtype=torch.float64) / len(micro_batches)
-        loss, l_ins, l_struct = totals.tolist()
-        return StepOutput(loss=loss, applied=self.engine.was_step_applied(), terms={"l_ins": l_ins,
-                                                                                  "l_struct": l_struct},
+            out = self.step_fn(batch)
+            self.teacher_dropped += out.dropped
+            totals += torch.tensor([out.loss.item(), out.l_ins.item(), out.l_struct.item(),
+                                    out.dropped / out.views], dtype=torch.float64) / len(micro_batches)
+        loss, l_ins, l_struct, dropped = totals.tolist()
+        return StepOutput(loss=loss, applied=self.engine.was_step_applied(),
+                          terms={"l_ins": l_ins, "l_struct": l_struct, "teacher_dropped_frac": dropped},
                           metrics={"lr": self.engine.get_lr()[0],
                                    "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)})
+
+    def skipped_samples(self) -> int:
+        """The loader's skips plus the captions refused as teacher views (too long for the teacher), world-wide."""
+        return sum_over_ranks(sum(self.loader.skipped().values()) + self.teacher_dropped, self.topo.device)
 
     def evaluate(self) -> dict | None:
         return evaluate(self.step_fn, self.cfg, self.topo) if self.cfg.data.eval_shards else None
 
     def state(self) -> TaskState:
-        return TaskState(engine=self.engine, rank=self.loader_state())
+        return TaskState(engine=self.engine, rank={
+            "loaders": {name: loader.state_dict() for name, loader in self.loaders.items()},
+            "teacher_dropped": self.teacher_dropped,
+        })
 
     def load_state(self, shared: dict, rank: dict | None) -> None:
-        self.load_loader_state(rank)
+        if rank is None:
+            for loader in self.loaders.values():
+                loader.start_fresh_pass()
+            return
+        # Checkpoints from before proclip.views hold one loader under "loader": the single-view stream.
+        saved = rank["loaders"] if "loaders" in rank else {"": rank["loader"]}
+        if set(saved) != set(self.loaders):
+            raise ValueError(f"proclip.views: the checkpoint's views {sorted(saved)} differ from this run's "
+                             f"{sorted(self.loaders)}; resume with the same views")
+        for name, loader in self.loaders.items():
+            loader.load_state_dict(saved[name])
+        self.teacher_dropped = rank.get("teacher_dropped", 0)
 
     def finish(self) -> dict:
         """Write ``<checkpoint.dir>/adapter.safetensors``, which ProCLIP stage 2 loads through model.adapter_init."""

@@ -18,7 +18,10 @@ from llm2clip_scale.config.schema import Config, trains_offline
 from llm2clip_scale.data.loader import build_eval_loader, build_train_loader
 from llm2clip_scale.distributed.collectives import equal_row_counts, gather_in_sample_order
 from llm2clip_scale.distributed.topology import Topology
+from llm2clip_scale.eval.encoders import Stage2Encoders
 from llm2clip_scale.eval.retrieval import retrieval_recall
+from llm2clip_scale.eval.task_config import LLM_TASKS
+from llm2clip_scale.eval.tasks import run_llm_tasks
 from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
 from llm2clip_scale.losses.proclip import self_distillation_loss
 from llm2clip_scale.models.clip import build_clip_model
@@ -49,7 +52,7 @@ def _check_tokenizer_fits(cfg: Config) -> None:
 def needs_llm(cfg: Config) -> bool:
     """Online mode embeds captions with the frozen LLM; offline mode reads sidecar embeddings and builds none."""
     eval_online = bool(cfg.data.eval_shards) and cfg.data.eval_embedding_shards is None
-    return not trains_offline(cfg.data) or eval_online
+    return not trains_offline(cfg.data) or eval_online or any(t in LLM_TASKS for t in cfg.eval.tasks)
 
 
 def caption_embeddings(batch: dict, text_tower: torch.nn.Module | None, tp_group, device: torch.device) -> torch.Tensor:
@@ -89,6 +92,7 @@ class Stage2Step:
         teacher: EMATeacher | None = None,
         self_distill_weight: float = 0.0,
         lora: LoRATrainer | None = None,
+        self_distill_reduction: str = "mean",
     ) -> None:
         self.engine = engine
         self.text_tower = text_tower
@@ -97,6 +101,7 @@ class Stage2Step:
         self.loss_fn = loss_fn
         self.teacher = teacher
         self.self_distill_weight = self_distill_weight
+        self.self_distill_reduction = self_distill_reduction
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.lora = lora
         self.lora_grad_norm = 0.0
@@ -138,7 +143,8 @@ class Stage2Step:
         loss = self.loss_fn(features.image, features.text, features.scale, features.bias)
         if self.teacher is not None:
             teacher_features = self.teacher(batch["images"].to(self.topo.device))
-            loss = loss + self.self_distill_weight * self_distillation_loss(features.image, teacher_features)
+            loss = loss + self.self_distill_weight * self_distillation_loss(
+                features.image, teacher_features, reduction=self.self_distill_reduction)
         self.engine.backward(loss)
         if self.lora is not None:
             self._backprop_into_lora(batch, llm.grad)
@@ -155,9 +161,28 @@ class Stage2Step:
 
 
 @torch.no_grad()
-def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
-    """R@k on the held-out split: every rank encodes its share, features are gathered and re-ordered by index."""
+def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict | None:
+    """The eval.tasks that have data (docs/EVAL.md), or None when none has: long_retrieval's R@k keep their plain
+    names (r1_i2t, ..., chance, num_samples); the LLM tasks report ``<task>/<metric>``. Collective."""
     step_fn.engine.eval()
+    try:
+        metrics: dict = {}
+        if "long_retrieval" in cfg.eval.tasks and cfg.data.eval_shards:
+            metrics.update(_long_retrieval(step_fn, cfg, topo))
+        llm_tasks = [t for t in cfg.eval.tasks if t in LLM_TASKS]
+        if llm_tasks:
+            encoders = Stage2Encoders(step_fn.engine.module, step_fn.text_tower, step_fn.tp_group,
+                                      cfg.model.llm.tokenizer or None, cfg.model.llm.caption_format,
+                                      cfg.data.max_text_len, step_fn.dtype, topo.device)
+            metrics.update(run_llm_tasks(llm_tasks, cfg, encoders, topo.rank, topo.world_size))
+    finally:
+        step_fn.engine.train()
+    return metrics or None
+
+
+def _long_retrieval(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
+    """R@1/5/10 with one caption per image (data.eval_caption_field): every rank encodes its share, features are
+    gathered and re-ordered by index."""
     loader = build_eval_loader(
         cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.eval.batch_size, topo.rank,
         topo.world_size, cfg.eval.max_samples, cfg.data.max_text_len, cfg.data.eval_caption_field,
@@ -169,9 +194,8 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
         images.append(features.image)
         texts.append(features.text)
         indices.append(batch["index"].to(topo.device))
-    step_fn.engine.train()
     all_images, all_texts = gather_in_sample_order(torch.cat(indices), torch.cat(images), torch.cat(texts))
-    return retrieval_recall(all_images.cpu(), all_texts.cpu())
+    return retrieval_recall(all_images.cpu(), all_texts.cpu(), ks=(1, 5, 10))
 
 
 class Stage2Task(EngineTask):
@@ -200,7 +224,7 @@ class Stage2Task(EngineTask):
         self.engine = build_engine(model, cfg, topo.world_size, topo.device)
         loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
         self.step_fn = Stage2Step(self.engine, text_tower, topo, dtype, loss_fn, self.teacher,
-                                  cfg.train.self_distill_weight, self.lora)
+                                  cfg.train.self_distill_weight, self.lora, cfg.train.self_distill_reduction)
         self.loader = build_train_loader(
             cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
             topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
@@ -223,7 +247,7 @@ class Stage2Task(EngineTask):
         return StepOutput(loss=loss, applied=self.engine.was_step_applied(), metrics=metrics)
 
     def evaluate(self) -> dict | None:
-        return evaluate(self.step_fn, self.cfg, self.topo) if self.cfg.data.eval_shards else None
+        return evaluate(self.step_fn, self.cfg, self.topo)
 
     def state(self) -> TaskState:
         shared = {}

@@ -299,25 +299,77 @@ def gather_lora_state(tower: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-@torch.no_grad()
-def load_lora_state(tower: nn.Module, state: dict[str, Tensor]) -> None:
-    """Copy a :func:`gather_lora_state` dict (any TP size) into this rank's adapter shards."""
+def _local_part(adapter: LoRAAdapter, which: str, full: Tensor, tp_rank: int, tp_size: int) -> Tensor:
+    """This TP rank's part of a full (TP=1) A or B matrix of ``adapter``."""
+    dim = lora_split_dim(adapter, which)
+    return full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else full
+
+
+def _fill(adapters: dict[str, LoRAAdapter], state: dict[str, Tensor]) -> None:
+    """Copy a :func:`gather_lora_state` dict into ``adapters`` (module name -> adapter); every key must match."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     expected: set[str] = set()
-    for name, adapter in lora_adapters(tower).items():
+    for name, adapter in adapters.items():
         for which, table in (("A", adapter.A), ("B", adapter.B)):
             for target, param in table.items():
                 key = f"{name}.{which}.{target}"
                 expected.add(key)
                 if key not in state:
                     raise KeyError(f"LoRA state lacks {key}")
-                dim = lora_split_dim(adapter, which)
                 full = state[key]
-                local = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None else full
+                local = _local_part(adapter, which, full, tp_rank, tp_size)
                 if local.shape != param.shape:
                     raise ValueError(f"LoRA state {key}: shape {tuple(full.shape)} does not fit {tuple(param.shape)}")
                 param.copy_(local)
     extra = sorted(set(state) - expected)
     if extra:
         raise KeyError(f"LoRA state holds entries this tower has no adapter for: {extra[:5]}")
+
+
+@torch.no_grad()
+def load_lora_state(tower: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy a :func:`gather_lora_state` dict (any TP size) into this rank's adapter shards."""
+    _fill(lora_adapters(tower), state)
+
+
+@torch.no_grad()
+def merge_lora_state(
+    tower: nn.Module, state: dict[str, Tensor], rank: int, alpha: float, targets: Sequence[str] = LORA_TARGETS
+) -> int:
+    """Fold a :func:`gather_lora_state` dict (this rank's module names, full matrices, any TP size) into the base
+    weight shards, ``W += alpha / rank * B A`` as :func:`merge_lora` computes it; adapters attached to ``tower``
+    stay attached and untouched. Returns how many linears were merged.
+
+    What a resumed run needs to rebuild a base that an earlier LoRA was merged into (stage 1's MNTP) while the
+    checkpoint's own adapters are already in place.
+    """
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    names = {id(module): name for name, module in tower.named_modules()}
+    standalone: dict[str, tuple[nn.Module, LoRAAdapter]] = {}
+    for key, linear, layout in _adapted_linears(tower, targets):
+        # Built only to hold the matrices (its random init is overwritten) and to lay the delta out as merge_lora does.
+        adapter = LoRAAdapter(layout, targets, rank, alpha, 0.0, key, 0, tp_rank, tp_size, tp_group,
+                              dtype=torch.float32, device=linear.weight.device)
+        standalone[f"{names[id(linear)]}.{_ADAPTER_ATTR}"] = (linear, adapter)
+    _fill({name: adapter for name, (_, adapter) in standalone.items()}, state)
+    for linear, adapter in standalone.values():
+        linear.weight.copy_(linear.weight.float() + adapter.weight_delta())
+    return len(standalone)
+
+
+def concat_lora_states(first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One LoRA of rank ``r1 + r2`` whose update is the sum of two (:func:`gather_lora_state` dicts, same keys):
+    A stacked over rows, B over columns, so ``B A = B1 A1 + B2 A2``. Written with ``alpha = alpha1 + alpha2`` it
+    applies the same update when both had one scaling ``alpha1 / r1 = alpha2 / r2`` (the caller's to ensure)."""
+    if set(first) != set(second):
+        raise KeyError(f"LoRA states adapt different matrices: {sorted(set(first) ^ set(second))[:5]}")
+    out: dict[str, Tensor] = {}
+    for key, value in first.items():
+        which = key.rsplit(".", 2)[-2]
+        if which not in ("A", "B"):
+            raise KeyError(f"LoRA state key {key} is neither an A nor a B matrix")
+        out[key] = torch.cat([value, second[key]], dim=0 if which == "A" else 1)
+    return out

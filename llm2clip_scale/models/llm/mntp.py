@@ -7,10 +7,9 @@ head, hence "next token"), cross-entropy over the selected tokens only.
 
 The tower has no LM head (an embedder does not need one), so MNTP builds a frozen vocab-parallel head for its own
 use and drops it afterwards: the checkpoint's ``lm_head.weight`` (or the input embedding for tied-embedding
-models), or, for the random tiny towers, the seeded input embedding (tied). Only the LoRA adapters train, and they
-carry on into SimCSE (LLM2Vec merges the MNTP adapters and starts fresh ones; keeping one set keeps stage 1's
-output a single adapter file). The training steps (``train/mntp.py``) run through megatron's schedule, so MNTP
-works under TP and PP.
+models), or, for the random tiny towers, the seeded input embedding (tied). Only a LoRA of MNTP's own trains; as in
+LLM2Vec it is merged into the base weights before SimCSE starts fresh adapters (``train/mntp.py``, which runs the
+steps through megatron's schedule, so MNTP works under TP and PP).
 """
 
 from __future__ import annotations
