@@ -169,3 +169,22 @@ def test_run_tasks_on_a_jsonl_set_and_a_corrupt_image(tmp_path: Path) -> None:
     (tmp_path / "imgs" / "green.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"do not decode: set\.jsonl:2"):
         run_tasks(["retrieval"], cfg, _ColourEncoders())
+
+
+def test_a_missing_listed_image_fails_on_every_rank(tmp_path: Path) -> None:
+    """Every rank checks every listed image, not only the ones it reads: a rank raising alone would leave the others
+    in the eval's collectives."""
+    from PIL import Image
+
+    from llm2clip_scale.data.eval_sets import read_eval_set
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    listing = tmp_path / "set.jsonl"
+    listing.write_text('{"image": "a.png", "captions": ["x"]}\n{"image": "gone.png", "captions": ["y"]}\n')
+    for rank in (0, 1):  # record 1 is rank 1's to read; rank 0 must fail as well
+        with pytest.raises(ValueError, match="gone.png not found"):
+            read_eval_set(str(listing), lambda meta: True, rank, 2)
+    bad_csv = tmp_path / "set.csv"
+    bad_csv.write_text("image,caption\na.png,x\n,y\n")
+    with pytest.raises(ValueError, match="needs an 'image' path"):
+        read_eval_set(str(bad_csv), lambda meta: True, 0, 2)

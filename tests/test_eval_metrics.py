@@ -102,3 +102,9 @@ def test_class_prompts_are_class_major_and_checked() -> None:
         class_prompts(["cat", "cat"], ["a {}"])
     with pytest.raises(ValueError, match="labels must lie"):
         zeroshot_accuracy(torch.eye(2), torch.eye(2), torch.tensor([0, 2]))
+
+
+def test_templates_may_hold_other_braces() -> None:
+    from llm2clip_scale.eval.zeroshot import class_prompts
+
+    assert class_prompts(["cat"], ["a {} of {kind}"]) == ["a cat of {kind}"]

@@ -76,6 +76,8 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict, str]]:
         if not reader.fieldnames or "image" not in reader.fieldnames or "caption" not in reader.fieldnames:
             raise ValueError(f"{path}: the header must name 'image' and 'caption' columns, got {reader.fieldnames}")
         for number, row in enumerate(reader, 2):
+            if not row.get("image"):
+                raise ValueError(f"{path}:{number}: needs an 'image' path")
             meta = grouped.setdefault(row["image"], {"captions": []})
             meta["captions"].append(row["caption"])
             if row.get("label") not in (None, ""):
@@ -115,6 +117,10 @@ def read_eval_set(source: str, accept: Callable[[dict], bool], rank: int, world_
         index = len(result.metas)
         result.metas.append(meta)
         result.keys.append(key)
+        if listed and not (path.parent / image).is_file():
+            # Checked for every record on every rank (only this rank's are read): a rank that raised alone would
+            # leave the others waiting in the eval's collectives.
+            raise ValueError(f"{what}: {key}: image {path.parent / image} not found")
         if index % world_size == rank:
             result.images[index] = _file_image(path.parent, image, f"{what}: {key}") if listed else image
     result.skipped = dict(skips.counts)

@@ -106,6 +106,8 @@ class PairBatches:
         cfg = self.cfg
         sources = cfg.data.train_shards.split("::")
         weights = [float(sum(os.path.getsize(url) for url in expand_shards(source))) for source in sources]
+        if sum(weights) <= 0:
+            raise ValueError(f"stage1.one_source_per_batch: every source of data.train_shards is empty ({sources})")
         draws = random.Random(f"stage1/sources/{cfg.train.seed}/{self.epoch}")
         streams: dict[int, Iterator[CaptionPair]] = {}
         resumed = [0] * len(sources)

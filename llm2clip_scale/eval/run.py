@@ -42,7 +42,9 @@ def build_stage2(cfg: Config, checkpoint: str | None = None):
         choice: list = [None]
         if topo.is_main:
             try:
-                choice = [("ok", str(resolve_checkpoint(checkpoint, cfg.checkpoint.dir)))]
+                resolved = resolve_checkpoint(checkpoint, cfg.checkpoint.dir)
+                choice = [("ok", str(resolved)) if resolved is not None else
+                          ("error", f"--checkpoint {checkpoint}: no checkpoint to load (under {cfg.checkpoint.dir})")]
             except CheckpointError as err:
                 choice = [("error", str(err).replace("train.resume", "--checkpoint", 1))]
         dist.broadcast_object_list(choice, src=0)

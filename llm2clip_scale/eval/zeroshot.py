@@ -22,7 +22,8 @@ def class_prompts(classes: list[str], templates: list[str]) -> list[str]:
         raise ValueError(f"zero-shot templates must hold exactly one {CLASS_SLOT!r} for the class name: {bad}")
     if len(set(classes)) != len(classes):
         raise ValueError("zero-shot class names must be distinct")
-    return [template.format(name) for name in classes for template in templates]
+    # replace, not format: a template may hold other braces ("a {} of {kind}") that format would read as fields.
+    return [template.replace(CLASS_SLOT, name) for name in classes for template in templates]
 
 
 def zeroshot_classifier(prompt_features: Tensor) -> Tensor:

@@ -146,8 +146,9 @@ class _Run:
 
     @property
     def llm_rows(self) -> int:
-        """Captions one LLM pass embeds: a TP group embeds the union of its ranks' captions."""
-        return self.micro * self.texts if self.stage1 else self.tp * self.micro
+        """Captions one LLM pass embeds: a TP group (under PP, the whole TP x PP group) embeds the union of its ranks'
+        captions (models/llm/embed.py: embed_local_batch)."""
+        return self.micro * self.texts if self.stage1 else self.tp * self.pp * self.micro * self.texts
 
 
 def _run(cfg: Config, world: int, caption_tokens: int | None) -> _Run:
@@ -156,7 +157,8 @@ def _run(cfg: Config, world: int, caption_tokens: int | None) -> _Run:
     online = stage1 or not trains_offline(cfg.data)
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     replicas = world // (tp * pp) if stage1 else world
-    texts = (3 if cfg.stage1.hard_negatives else 2) if stage1 else 1
+    texts = ((3 if cfg.stage1.hard_negatives else 2) if stage1
+             else max(1, len(cfg.proclip.views)) if train.stage == "proclip_inherit" else 1)
     return _Run(world, tp, pp, par.zero_stage, train.precision == "bf16", train.micro_batch,
                 train.global_batch // (train.micro_batch * replicas), replicas, cfg.data.max_text_len,
                 caption_tokens or cfg.data.max_text_len, stage1, online,
@@ -292,7 +294,7 @@ def plan(cfg: Config, gpu: GPUKind, nodes: int, gpus_per_node: int, caption_toke
     for name, volume in comm.items():
         group = run.tp if name.startswith("TP") else run.tp * run.pp if name.startswith("PP") else run.world
         seconds[name] = volume / rate(group)
-        if name != "ZeRO-2 gradient reduce-scatter":  # overlapped with backward (overlap_comm)
+        if not (run.zero >= 2 and name.endswith("gradient reduce-scatter")):  # overlapped with backward (overlap_comm)
             exposed += seconds[name]
     peak = gpu.peak_tflops(matmul_dtype(train.precision)) * 1e12
     compute = flops["hardware"] / peak
