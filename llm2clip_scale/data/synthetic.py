@@ -25,6 +25,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from llm2clip_scale.eval.task_config import ZEROSHOT_FILE  # the file name the zeroshot task looks for
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -51,7 +53,6 @@ CAPTION_FIELDS: tuple[str, ...] = ("raw", "short", "long")
 MULTI_CAPTION_FIELD = "captions"
 CAPTIONS_PER_SAMPLE = 5
 LABEL_FIELD = "label"
-ZEROSHOT_FILE = "zeroshot.json"
 # Bumped when a build adds content: 2 added the eval fields. A dataset of an older format with the same parameters
 # is rebuilt without --force (its older fields and images come out byte-identical, so nothing is lost).
 FORMAT = 2

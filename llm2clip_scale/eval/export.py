@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from llm2clip_scale.config.schema import Config
+from llm2clip_scale.eval.task_config import write_eval_result
 from llm2clip_scale.eval.tasks import run_tasks
-
-RESULT_FILE = "eval.json"
 
 
 class ExportEncoders:
@@ -66,7 +65,5 @@ def evaluate_export(cfg: Config, export_dir: str | Path) -> dict:
     if not metrics:
         raise ValueError("eval.tasks: none of the tasks has data; set data.eval_shards or eval.<task>_data")
     result = {"export": str(export_dir), "tasks": list(cfg.eval.tasks), **metrics}
-    out = Path(cfg.logging.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    write_eval_result(cfg, result)
     return result

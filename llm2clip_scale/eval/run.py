@@ -6,7 +6,6 @@ with the checkpoint manager; nothing under train/ imports it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch.distributed as dist
@@ -16,8 +15,7 @@ from llm2clip_scale.checkpoint.manager import CheckpointManager
 from llm2clip_scale.config.load import validate
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.distributed.topology import build_topology, init_distributed
-
-RESULT_FILE = "eval.json"
+from llm2clip_scale.eval.task_config import write_eval_result
 
 
 def build_stage2(cfg: Config, checkpoint: str | None = None):
@@ -70,7 +68,5 @@ def evaluate_stage2(cfg: Config, checkpoint: str | None = None) -> dict:
         raise ValueError("eval.tasks: none of the tasks has data; set data.eval_shards or eval.<task>_data")
     result = {"stage": task.name, "tasks": list(cfg.eval.tasks), **info, **metrics}
     if task.topo.is_main:
-        out = Path(cfg.logging.dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        write_eval_result(cfg, result)
     return result

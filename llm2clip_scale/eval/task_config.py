@@ -3,6 +3,7 @@ it imports nothing heavy)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from llm2clip_scale.config.schema import Config
@@ -10,6 +11,14 @@ from llm2clip_scale.config.schema import Config
 TASKS: tuple[str, ...] = ("long_retrieval", "retrieval", "zeroshot", "cra")
 LLM_TASKS: tuple[str, ...] = ("retrieval", "zeroshot", "cra")  # these embed captions with the LLM online
 ZEROSHOT_FILE = "zeroshot.json"
+RESULT_FILE = "eval.json"  # under logging.dir, written by `llm2clip-scale eval` (a checkpoint or an export)
+
+
+def write_eval_result(cfg: Config, result: dict) -> None:
+    """``result`` as ``<logging.dir>/eval.json``."""
+    out = Path(cfg.logging.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def task_source(cfg: Config, task: str) -> str | None:
