@@ -43,8 +43,8 @@ def global_lora_state(tower: LLMTextEncoder) -> dict[str, Tensor]:
     return state
 
 
-def load_global_lora_state(tower: LLMTextEncoder, state: dict[str, Tensor]) -> None:
-    """Copy a :func:`global_lora_state` dict (any TP/PP layout) into this rank's adapters."""
+def local_lora_state(tower: LLMTextEncoder, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of a :func:`global_lora_state` dict that live on this pipeline stage, under its module names."""
     local_of = {layer.layer_number - 1: index for index, layer in enumerate(tower.decoder.layers)}
     mine: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -54,7 +54,12 @@ def load_global_lora_state(tower: LLMTextEncoder, state: dict[str, Tensor]) -> N
         index = local_of.get(int(match.group(1)))
         if index is not None:  # other layers live on other pipeline stages
             mine[f"decoder.layers.{index}.{key[match.end():]}"] = value
-    load_lora_state(tower, mine)
+    return mine
+
+
+def load_global_lora_state(tower: LLMTextEncoder, state: dict[str, Tensor]) -> None:
+    """Copy a :func:`global_lora_state` dict (any TP/PP layout) into this rank's adapters."""
+    load_lora_state(tower, local_lora_state(tower, state))
 
 
 def global_lora_key(tower: LLMTextEncoder, key: str) -> str:

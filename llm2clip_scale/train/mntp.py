@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import Tensor
 
-from llm2clip_scale.checkpoint.lora import global_lora_state
+from llm2clip_scale.checkpoint.lora import global_lora_state, local_lora_state
 from llm2clip_scale.config.schema import LLMConfig
 from llm2clip_scale.kernels import build_optimizer
 from llm2clip_scale.models.llm.embed import TextBatch, concat_texts, run_schedule, split_micro_batches
@@ -110,14 +110,5 @@ def merge_saved_mntp(tower: LLMTextEncoder, state: dict[str, Tensor], llm: LLMCo
     if ranks != {llm.lora_rank}:
         raise ValueError(f"{MNTP_LORA_FILE}: LoRA rank {sorted(ranks)} in the checkpoint, model.llm.lora_rank is "
                          f"{llm.lora_rank}; resume with the LoRA settings the run was started with")
-    # Global layer index -> this pipeline stage's module names (what checkpoint.lora.load_global_lora_state does).
-    local_of = {layer.layer_number - 1: index for index, layer in enumerate(tower.decoder.layers)}
-    mine: dict[str, Tensor] = {}
-    for key, value in state.items():
-        parts = key.split(".", 3)
-        if len(parts) < 4 or parts[:2] != ["decoder", "layers"] or not parts[2].isdigit():
-            raise KeyError(f"{MNTP_LORA_FILE}: key {key} names no decoder layer")
-        number, rest = parts[2], parts[3]
-        if (index := local_of.get(int(number))) is not None:  # other layers live on other pipeline stages
-            mine[f"decoder.layers.{index}.{rest}"] = value
-    return merge_lora_state(tower, mine, llm.lora_rank, llm.lora_alpha, llm.lora_targets)
+    return merge_lora_state(tower, local_lora_state(tower, state), llm.lora_rank, llm.lora_alpha,
+                            llm.lora_targets)
