@@ -120,3 +120,19 @@ def test_a_loader_state_refuses_another_worker_count(tiny_data: Path) -> None:
     state["num_workers"] = 3
     with pytest.raises(ValueError, match="num_workers"):
         loader.load_state_dict(state)
+
+
+def test_a_resume_under_other_lora_settings_is_named_setting_by_setting(tmp_path: Path) -> None:
+    assert layout.lora_settings_mismatch(tmp_path, 16, 32.0, ["q"]) == []  # no LLM LoRA saved: nothing to compare
+    meta = {"lora_rank": 16, "lora_alpha": 32.0, "lora_targets": ["q", "v"]}
+    (tmp_path / layout.ADAPTER_CONFIG_FILE).write_text(json.dumps(meta))
+    assert layout.lora_settings_mismatch(tmp_path, 16, 32, ["v", "q"]) == []
+    assert layout.lora_settings_mismatch(tmp_path, 8, 16.0, ["q", "v"]) == [
+        "model.llm.lora_rank=8 but the checkpoint was trained with 16",
+        "model.llm.lora_alpha=16.0 but the checkpoint was trained with 32.0"]
+    assert layout.lora_settings_mismatch(tmp_path, 16, 32.0, ["q"]) == [
+        "model.llm.lora_targets=['q'] but the checkpoint was trained with ['q', 'v']"]
+    # Stage 1 with MNTP records MNTP and SimCSE stacked: rank 2r, alpha 2 alpha, of the run's r and alpha.
+    (tmp_path / layout.ADAPTER_CONFIG_FILE).write_text(json.dumps({**meta, "lora_rank": 32, "lora_alpha": 64.0,
+                                                                    "mntp": {"steps": 2}}))
+    assert layout.lora_settings_mismatch(tmp_path, 16, 32.0, ["q", "v"]) == []

@@ -146,9 +146,8 @@ class _ColourEncoders:
     texts = llm
 
 
-def test_run_tasks_on_a_jsonl_set_and_a_corrupt_image(tmp_path: Path) -> None:
+def _colour_set(tmp_path: Path):
     from llm2clip_scale.config import load_config
-    from llm2clip_scale.eval.tasks import run_tasks
 
     (tmp_path / "imgs").mkdir()
     colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -162,6 +161,13 @@ def test_run_tasks_on_a_jsonl_set_and_a_corrupt_image(tmp_path: Path) -> None:
     cfg = load_config(None, [f"data.eval_shards={tmp_path}/set.jsonl", "data.eval_caption_field=caption",
                              "model.vision.image_size=8", "data.image_mean=[0.5,0.5,0.5]",
                              "data.image_std=[0.5,0.5,0.5]"])
+    return cfg
+
+
+def test_run_tasks_on_a_jsonl_set_and_a_corrupt_image(tmp_path: Path) -> None:
+    from llm2clip_scale.eval.tasks import run_tasks
+
+    cfg = _colour_set(tmp_path)
     metrics = run_tasks(["long_retrieval", "retrieval", "zeroshot", "cra"], cfg, _ColourEncoders())
     # Every image's mean colour points at its own colour word: all perfect.
     assert metrics["r1_i2t"] == metrics["retrieval/r1_t2i"] == metrics["zeroshot/top1"] == metrics["cra/top1"] == 1.0
@@ -188,3 +194,23 @@ def test_a_missing_listed_image_fails_on_every_rank(tmp_path: Path) -> None:
     bad_csv.write_text("image,caption\na.png,x\n,y\n")
     with pytest.raises(ValueError, match="needs an 'image' path"):
         read_eval_set(str(bad_csv), lambda meta: True, 0, 2)
+
+
+def test_repeated_evaluation_reads_each_set_once_and_cra_reads_no_images(tmp_path: Path, monkeypatch) -> None:
+    """Periodic eval keeps one EvalTasks: the second evaluation reads no file, and scores the same."""
+    import llm2clip_scale.eval.tasks as tasks_module
+
+    cfg = _colour_set(tmp_path)
+    reads = []
+    real_read = tasks_module.read_eval_set
+    monkeypatch.setattr(tasks_module, "read_eval_set", lambda *a, **k: reads.append(k["what"]) or real_read(*a, **k))
+    runner = tasks_module.EvalTasks(cfg, _ColourEncoders())
+    all_tasks = ["long_retrieval", "retrieval", "zeroshot", "cra"]
+    first = runner.run(all_tasks)
+    assert sorted(reads) == sorted(f"eval {task} data" for task in all_tasks)
+    for image in (tmp_path / "imgs").iterdir():
+        image.unlink()  # the images are held (bytes of this rank's share): nothing is read again
+    assert runner.run(all_tasks) == first and len(reads) == len(all_tasks)
+    assert runner._sets["cra"].images == {} and len(runner._sets["retrieval"].images) == 3
+    with pytest.raises(ValueError, match="is not one of long_retrieval, retrieval, zeroshot, cra"):
+        runner.run(["rerieval"])

@@ -310,7 +310,7 @@ def test_json_and_table_agree_and_stage1_offline_proclip_plan(capsys: pytest.Cap
 @pytest.mark.parametrize("argv,message", [
     (["--gpu", "v100"], "unknown; use one of a100-40gb, a100-80gb, h100, h200, b200"),
     (["--gpu", "h100", "--nodes", "0"], "must be >= 1"),
-    (["--gpu", "h100", "--gpus-per-node", "3"], "does not divide the 3 GPUs"),
+    (["--gpu", "h100", "--gpus-per-node", "3"], "does not divide the world size 3"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
     args = ["--nodes", "1", "--gpus-per-node", "2", *argv]

@@ -86,7 +86,11 @@ def wait_for_job(job: str, log: Path, timeout: float = 600) -> str:
 
 
 def _tail(log: Path, lines: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+    """The end of the job's log; for submitit's per-rank logs (``<job>_0_log.err``) the end of every rank's, since the
+    rank that crashed is often not rank 0."""
+    logs = sorted(log.parent.glob(log.name.replace("_0_log", "_*_log"))) if "_0_log" in log.name else [log]
+    return "\n".join(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                     for path in logs if path.exists()) or "(no log)"
 
 
 def wait_for_step(run: Path, step: int, job: str, log: Path, timeout: float = 300) -> None:

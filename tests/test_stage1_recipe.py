@@ -126,7 +126,28 @@ def test_every_global_batch_comes_from_one_source_and_resumes_exactly(tmp_path: 
         assert _take(iter(interrupted), k) == batches[1][:k]
         resumed = PairBatches(cfg, _collate, 1, 2, SkipCounter("resumed"))
         resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
-        assert _take(iter(resumed), 5) == batches[1][k : k + 5], k
+        read = _count_reads(resumed)
+        stream = iter(resumed)
+        assert _take(stream, 1) == batches[1][k : k + 1], k
+        # Up to its first batch the resume re-read at most the current pass of each source (rank 1's shares: 20
+        # and 30 pairs), plus one batch and the shuffle buffers' read-ahead; not every batch since the start.
+        assert sum(read.values()) <= 20 + 30 + 4 + 2 * cfg.data.shuffle_buffer, (k, read)
+        assert _take(stream, 4) == batches[1][k + 1 : k + 5], k
+    assert 40 * 4 > 20 + 30 + 4 + 2 * cfg.data.shuffle_buffer  # k=40: a replay from the start would break the bound
+
+
+def _count_reads(stream: PairBatches) -> Counter:
+    """Count the pairs ``stream`` reads from its files, by source."""
+    reads: Counter = Counter()
+    read_pairs = stream._pairs
+
+    def counting(source: str, seed: int):
+        for pair in read_pairs(source, seed):
+            reads[source] += 1
+            yield pair
+
+    stream._pairs = counting
+    return reads
 
 
 def test_a_source_without_pairs_in_a_ranks_share_is_an_error(tmp_path: Path) -> None:
@@ -297,6 +318,7 @@ def _mntp_worker(overrides: list[str]) -> dict:
                                            for n, p in resumed.tower.named_parameters() if ".lora." not in n)
 
     # Through the loop and the checkpoint files: a run resumed from its step-2 checkpoint ends as the whole run did.
+    from llm2clip_scale.checkpoint.layout import CheckpointError
     from llm2clip_scale.train.loop import run
 
     ckpt = cfg.checkpoint.dir
@@ -307,6 +329,13 @@ def _mntp_worker(overrides: list[str]) -> dict:
         *four_steps, f"train.resume={ckpt}/step2", f"checkpoint.dir={ckpt}-resumed"]), LLM2CLIPCaptionContrastiveTask())
     out["whole_loss"], out["resumed_loss"] = whole["final_loss"], resumed_run["final_loss"]
     out["step2_files"] = sorted(p.name for p in Path(ckpt, "step2").iterdir() if p.suffix == ".safetensors")
+    # The LoRA scaling is in no tensor: resuming under another alpha is refused, not silently a different model.
+    try:
+        run(load_config(REPO / "configs" / "llm2clip_cc_tiny.yaml", [
+            *four_steps, f"train.resume={ckpt}/step2", f"checkpoint.dir={ckpt}-other", "model.llm.lora_alpha=8"]),
+            LLM2CLIPCaptionContrastiveTask())
+    except CheckpointError as err:
+        out["other_alpha"] = str(err)
     return out
 
 
@@ -342,6 +371,7 @@ def test_mntp_is_its_own_lora_merged_exactly_before_a_fresh_simcse_lora(pair_dat
     result = results[0]
     assert result["step2_files"] == ["lora.safetensors", "mntp_lora.safetensors"], result
     assert result["resumed_loss"] == pytest.approx(result["whole_loss"], abs=1e-6), result
+    assert "model.llm.lora_alpha=8.0 but the checkpoint was trained with 32.0" in result.get("other_alpha", ""), result
 
 
 def test_cra_queries_carry_no_instruction_unless_asked(tiny_data: Path) -> None:

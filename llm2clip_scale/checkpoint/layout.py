@@ -239,6 +239,22 @@ def read_adapter_config(lora_file: Path) -> dict:
     return meta
 
 
+def lora_settings_mismatch(step_dir: Path, rank: int, alpha: float, targets: list[str]) -> list[str]:
+    """How the LoRA settings a step directory was trained with differ from ``rank``/``alpha``/``targets`` (empty: they
+    agree, or the directory holds no LLM LoRA). The scaling alpha/r lives in no tensor, so resuming under another
+    alpha would silently train a different model; a stage-1 MNTP checkpoint records MNTP + SimCSE stacked (2r, 2 alpha).
+    """
+    if not (step_dir / ADAPTER_CONFIG_FILE).is_file():
+        return []
+    meta = read_adapter_config(step_dir / LORA_FILE)
+    stacked = 2 if "mntp" in meta else 1
+    saved = {"lora_rank": meta["lora_rank"] // stacked, "lora_alpha": meta["lora_alpha"] / stacked,
+             "lora_targets": sorted(meta["lora_targets"])}
+    wanted = {"lora_rank": rank, "lora_alpha": float(alpha), "lora_targets": sorted(targets)}
+    return [f"model.llm.{key}={wanted[key]} but the checkpoint was trained with {saved[key]}"
+            for key in saved if saved[key] != wanted[key]]
+
+
 def lora_init_record(lora_init: str | None) -> dict | None:
     """Which stage-1 LoRA ``model.llm.lora_init`` resolves to now, by file and content: a checkpoint root's
     ``latest`` moves on, so the step that stage 2 merged is recorded in its checkpoints (and checked on resume)."""

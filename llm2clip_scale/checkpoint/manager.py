@@ -222,6 +222,11 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: trained with the stage-1 LoRA {saved_lora['file']} (sha256 "
                                   f"{saved_lora['sha256'][:12]}…), but model.llm.lora_init now gives "
                                   f"{(self._lora_init or {}).get('file')}; set model.llm.lora_init to that file")
+        llm = self.cfg.model.llm
+        wrong = layout.lora_settings_mismatch(path, llm.lora_rank, llm.lora_alpha, list(llm.lora_targets))
+        if wrong:
+            raise CheckpointError(f"{path}: " + "; ".join(wrong) + ". Resume with the LoRA settings the run was "
+                                  "started with (or train.resume=none to start afresh)")
         if self.cfg.checkpoint.verify_on_load:
             self._verify(path, manifest)
         saved_layout = manifest["layout"]

@@ -108,12 +108,11 @@ def _missing_files(field: str, pattern: str, fix: str) -> list[str]:
     return [f"{field}: {len(missing)} of {len(urls)} file(s) missing, first {(missing or [pattern])[0]}; {fix}"]
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check the rules that span fields. Raises ConfigError listing every problem found."""
-    world = world_size if world_size is not None else world_size_from_env()
+def layout_problems(cfg: Config, world: int) -> list[str]:
+    """The rules tying the parallel layout, the batch and the precision to ``world`` ranks: what :func:`validate` and
+    ``llm2clip-scale plan`` (planning a cluster from a machine without its files) both check."""
     problems: list[str] = []
-    par, train, model, data = cfg.parallel, cfg.train, cfg.model, cfg.data
-
+    par, train = cfg.parallel, cfg.train
     if par.tensor_parallel < 1 or par.pipeline_parallel < 1:
         problems.append("parallel.tensor_parallel/pipeline_parallel: must be >= 1")
     elif world % (par.tensor_parallel * par.pipeline_parallel) != 0:
@@ -129,13 +128,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if par.zero_stage not in (0, 1, 2, 3):
         problems.append(f"parallel.zero_stage: {par.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
-    if par.backend not in ("auto", "nccl", "gloo"):
-        problems.append(f"parallel.backend: {par.backend!r} unknown; use auto, nccl or gloo")
-    if par.collective_timeout_minutes <= 0:
-        problems.append(f"parallel.collective_timeout_minutes: {par.collective_timeout_minutes} must be > 0 (e.g. 10)")
-    if par.watchdog_seconds < 0:
-        problems.append(f"parallel.watchdog_seconds: {par.watchdog_seconds} must be >= 0 (0 turns the watchdog off)")
-
     if train.micro_batch < 1 or train.global_batch < 1:
         problems.append("train.micro_batch/global_batch: must be >= 1")
     elif train.stage == "llm2clip_cc":
@@ -151,6 +143,25 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"train.global_batch: {train.global_batch} is not a multiple of micro_batch ({train.micro_batch}) x "
             f"world size ({world}) = {train.micro_batch * world}; set global_batch to a multiple of it"
         )
+    if train.precision not in ("fp32", "bf16"):
+        problems.append(f"train.precision: {train.precision!r} unsupported; use fp32 or bf16 (fp16 is not offered)")
+    return problems
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check the rules that span fields. Raises ConfigError listing every problem found."""
+    world = world_size if world_size is not None else world_size_from_env()
+    problems: list[str] = []
+    par, train, model, data = cfg.parallel, cfg.train, cfg.model, cfg.data
+
+    problems.extend(layout_problems(cfg, world))
+    if par.backend not in ("auto", "nccl", "gloo"):
+        problems.append(f"parallel.backend: {par.backend!r} unknown; use auto, nccl or gloo")
+    if par.collective_timeout_minutes <= 0:
+        problems.append(f"parallel.collective_timeout_minutes: {par.collective_timeout_minutes} must be > 0 (e.g. 10)")
+    if par.watchdog_seconds < 0:
+        problems.append(f"parallel.watchdog_seconds: {par.watchdog_seconds} must be >= 0 (0 turns the watchdog off)")
+
     if train.stage in RENAMED_STAGES:
         problems.append(f"train.stage: {train.stage!r} was renamed; use {RENAMED_STAGES[train.stage]!r}")
     elif train.stage not in STAGES:
@@ -171,8 +182,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         problems.append(f"train.self_distill_reduction: {train.self_distill_reduction!r} unknown; use mean or sum")
     if not 0.0 <= train.ema_momentum < 1.0:
         problems.append(f"train.ema_momentum: {train.ema_momentum} must lie in [0, 1)")
-    if train.precision not in ("fp32", "bf16"):
-        problems.append(f"train.precision: {train.precision!r} unsupported; use fp32 or bf16 (fp16 is not offered)")
     if train.steps < 1:
         problems.append("train.steps: must be >= 1")
     if not 0 <= train.warmup_steps <= train.steps:

@@ -90,8 +90,9 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict, str]]:
 
 
 def read_eval_set(source: str, accept: Callable[[dict], bool], rank: int, world_size: int,
-                  max_samples: int | None = None, what: str = "eval data") -> EvalSet:
-    """The first ``max_samples`` records of ``source`` whose metadata ``accept`` takes; this rank's image bytes.
+                  max_samples: int | None = None, what: str = "eval data", images: bool = True) -> EvalSet:
+    """The first ``max_samples`` records of ``source`` whose metadata ``accept`` takes; this rank's image bytes
+    (none with ``images=False``, for tasks that read captions only: listed image files are then not opened).
 
     Raises ValueError when nothing is accepted, when a shard cannot be read or (jsonl/csv) a listed image is
     missing: an eval set is expected to be whole, so damage is an error rather than a silent skip.
@@ -117,6 +118,8 @@ def read_eval_set(source: str, accept: Callable[[dict], bool], rank: int, world_
         index = len(result.metas)
         result.metas.append(meta)
         result.keys.append(key)
+        if not images:
+            continue
         if listed and not (path.parent / image).is_file():
             # Checked for every record on every rank (only this rank's are read): a rank that raised alone would
             # leave the others waiting in the eval's collectives.

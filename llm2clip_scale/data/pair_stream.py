@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from llm2clip_scale.config.load import expand_shards
 from llm2clip_scale.config.schema import Config
+from llm2clip_scale.data.index import is_index, read_index
 from llm2clip_scale.data.pairs import CaptionPair, batch_pairs, iter_caption_pairs
 from llm2clip_scale.data.shards import SkipCounter
 
@@ -53,11 +54,15 @@ class PairBatches:
         self.cfg, self.collate, self.dp_rank, self.dp_size, self.skips = cfg, collate, dp_rank, dp_size, skips
         self.pairs_per_rank = cfg.train.global_batch // dp_size
         self.epoch, self.taken = 0, 0
+        # one_source_per_batch: each source stream's (pass, pairs taken in that pass), so a resume re-reads at most
+        # the current pass of each source rather than every batch since the run began.
+        self.source_positions: dict[int, tuple[int, int]] = {}
         self._saved_skips: dict[str, int] | None = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "taken": self.taken, "skips": dict(self.skips.counts),
-                "rank": self.dp_rank, "world_size": self.dp_size}
+                "rank": self.dp_rank, "world_size": self.dp_size,
+                "source_positions": {str(k): list(v) for k, v in self.source_positions.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = (state.get("rank", self.dp_rank), state.get("world_size", self.dp_size))
@@ -65,6 +70,8 @@ class PairBatches:
             raise ValueError(f"caption pairs: the saved stream is rank {saved[0]} of {saved[1]}, this one rank "
                              f"{self.dp_rank} of {self.dp_size}; a data position only carries over to the same split")
         self.epoch, self.taken, self._saved_skips = state["epoch"], state["taken"], dict(state["skips"])
+        self.source_positions = {int(k): (int(v[0]), int(v[1]))
+                                 for k, v in state.get("source_positions", {}).items()}
 
     def _pairs(self, source: str, seed: int) -> Iterator[CaptionPair]:
         s1 = self.cfg.stage1
@@ -99,49 +106,61 @@ class PairBatches:
                                  f"(skipped: {self.skips.counts}); give more data or fewer ranks")
 
     def _one_source_batches(self) -> Iterator[dict]:
-        """Module doc. The position is the number of batches taken (``taken``): replaying the source draws for that
-        many steps gives each source's batch count, and each source stream is re-read up to it (without
+        """Module doc. The source draws are replayed for the ``taken`` batches (random numbers only, no reading); each
+        source stream resumes at its saved (pass, position), re-reading only that pass's share up to it (without
         tokenising), so a resumed run continues exactly. ``epoch`` is not advanced here; it only seeds the draws
         and passes, so a stream started with another one (a run resumed on a new split) is a fresh one."""
         cfg = self.cfg
         sources = cfg.data.train_shards.split("::")
-        weights = [float(sum(os.path.getsize(url) for url in expand_shards(source))) for source in sources]
+        weights = [float(_source_bytes(source)) for source in sources]
         if sum(weights) <= 0:
             raise ValueError(f"stage1.one_source_per_batch: every source of data.train_shards is empty ({sources})")
         draws = random.Random(f"stage1/sources/{cfg.train.seed}/{self.epoch}")
-        streams: dict[int, Iterator[CaptionPair]] = {}
-        resumed = [0] * len(sources)
         for _ in range(self.taken):
-            resumed[draws.choices(range(len(sources)), weights)[0]] += 1
-        for index, batches in enumerate(resumed):
-            if batches:
-                streams[index] = self._source_stream(sources[index], index)
-                for _ in itertools.islice(streams[index], batches * self.pairs_per_rank):
-                    pass
-        if self._saved_skips is not None:
+            draws.choices(range(len(sources)), weights)
+        streams = {index: self._source_stream(sources[index], index, *position)
+                   for index, position in self.source_positions.items()}
+        if self._saved_skips is not None:  # after the re-reads above, whose skips the saved counts already hold
             self.skips.counts = self._saved_skips
             self._saved_skips = None
         while True:
             index = draws.choices(range(len(sources)), weights)[0]
             if index not in streams:
-                streams[index] = self._source_stream(sources[index], index)
+                streams[index] = self._source_stream(sources[index], index, self.epoch, 0)
             batch = list(itertools.islice(streams[index], self.pairs_per_rank))
             self.taken += 1
             yield self.collate(batch)
 
-    def _source_stream(self, source: str, index: int) -> Iterator[CaptionPair]:
-        """This rank's pairs of one source, pass after pass, each reshuffled; raises when a pass yields none."""
+    def _source_stream(self, source: str, index: int, start_pass: int, position: int) -> Iterator[CaptionPair]:
+        """This rank's pairs of one source from pass ``start_pass``, pair ``position`` on: positioned here and now
+        (re-reading that pass up to ``position``, untokenised), not at its first pull."""
+        stream = self._source_passes(source, index, start_pass)
+        for _ in itertools.islice(stream, position):
+            pass
+        return stream
+
+    def _source_passes(self, source: str, index: int, start_pass: int) -> Iterator[CaptionPair]:
+        """Pass after pass from ``start_pass``, each reshuffled, keeping :attr:`source_positions` at the pairs
+        handed out; raises when a pass yields none."""
         cfg = self.cfg
-        for epoch in itertools.count(self.epoch):
+        for epoch in itertools.count(start_pass):
             rng = random.Random(f"stage1/shuffle/{cfg.train.seed}/source{index}/{epoch}/{self.dp_rank}")
             count = 0
             for pair in shuffled(self._pairs(source, cfg.train.seed + epoch), cfg.data.shuffle_buffer, rng):
                 count += 1
+                self.source_positions[index] = (epoch, count)
                 yield pair
             if count == 0:
                 raise ValueError(f"data.train_shards: source {index} ({source}) has no good pairs in the share of "
                                  f"LLM data-parallel rank {self.dp_rank} of {self.dp_size} (skipped: "
                                  f"{self.skips.counts}); give it more data, fewer ranks, or drop it")
+
+
+def _source_bytes(source: str) -> int:
+    """A source's size for its draw weight: a dataset index states it (no stat of 100k shards); else the files'."""
+    if is_index(source):
+        return read_index(source).bytes
+    return sum(os.path.getsize(url) for url in expand_shards(source))
 
 
 __all__ = ["PairBatches", "shuffled"]

@@ -7,6 +7,7 @@ world / (TP * PP).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> No
     """
     if dist.is_initialized():
         return
+    # A native crash (SIGSEGV, SIGABRT) in a rank then prints every thread's Python stack into the job's log.
+    faulthandler.enable(all_threads=True)
     backend = resolve_backend(backend)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)

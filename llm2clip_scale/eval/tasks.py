@@ -77,16 +77,39 @@ def encode_split(count: int, encode: Callable[[list[int]], torch.Tensor], batch_
     return rows[order][index[order] >= 0]
 
 
-class _Runner:
-    def __init__(self, cfg: Config, encoders: Encoders, rank: int, world_size: int) -> None:
+class EvalTasks:
+    """The eval tasks of one model (its ``encoders``): each task's set is read, and its images checked, on first use
+    only, so periodic evaluation during training re-reads nothing (a rank keeps its share of the image bytes)."""
+
+    def __init__(self, cfg: Config, encoders: Encoders, rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.encoders, self.rank, self.world = cfg, encoders, rank, world_size
         data = cfg.data
         self.transform = ImageTransform(cfg.model.vision.image_size, data.image_mean, data.image_std, "none", None)
         self.batch = cfg.eval.batch_size
+        self._sets: dict[str, EvalSet] = {}
 
-    def read(self, task: str, accept: Callable[[dict], bool]) -> EvalSet:
-        return read_eval_set(task_source(self.cfg, task), accept, self.rank, self.world, self.cfg.eval.max_samples,
-                             what=f"eval {task} data")
+    @torch.no_grad()
+    def run(self, tasks: list[str]) -> dict[str, float]:
+        """Metrics of each of ``tasks`` that has data: long_retrieval's unprefixed (as in stage 2), the LLM tasks'
+        ``<task>/<metric>``. Collective; every rank returns the same dict."""
+        metrics: dict[str, float] = {}
+        for task in tasks:
+            if task != "long_retrieval" and task not in LLM_TASKS:
+                raise ValueError(f"eval.tasks: {task!r} is not one of long_retrieval, {', '.join(LLM_TASKS)}")
+            if task_source(self.cfg, task) is None:
+                continue
+            found = getattr(self, task)()
+            metrics.update(found if task == "long_retrieval" else {f"{task}/{k}": v for k, v in found.items()})
+        return metrics
+
+    def read(self, task: str, accept: Callable[[dict], bool], images: bool = True) -> EvalSet:
+        if task not in self._sets:
+            evalset = read_eval_set(task_source(self.cfg, task), accept, self.rank, self.world,
+                                    self.cfg.eval.max_samples, what=f"eval {task} data", images=images)
+            if images:
+                self._check_images(evalset)
+            self._sets[task] = evalset
+        return self._sets[task]
 
     def _check_images(self, evalset: EvalSet) -> None:
         # Decoded once up front and agreed on: a rank that failed mid-way would leave the others in a collective.
@@ -106,7 +129,6 @@ class _Runner:
 
     def image_features(self, evalset: EvalSet) -> torch.Tensor:
         size = self.cfg.model.vision.image_size
-        self._check_images(evalset)
 
         def encode(indices: list[int]) -> torch.Tensor:
             pixels = []
@@ -157,7 +179,7 @@ class _Runner:
 
     def cra(self) -> dict[str, float]:
         field = self.cfg.eval.captions_field
-        evalset = self.read("cra", lambda meta: len(captions_of(meta, field)) >= 2)
+        evalset = self.read("cra", lambda meta: len(captions_of(meta, field)) >= 2, images=False)
         pairs = [captions_of(meta, field)[:2] for meta in evalset.metas]
         queries = self.text_features([p[0] for p in pairs], llm_only=True)
         keys = self.text_features([p[1] for p in pairs], llm_only=True)
@@ -165,27 +187,6 @@ class _Runner:
                 "chance": 1.0 / len(pairs)}
 
 
-@torch.no_grad()
 def run_tasks(tasks: list[str], cfg: Config, encoders: Encoders, rank: int = 0, world_size: int = 1) -> dict:
-    """Every task of ``tasks`` with data, long_retrieval included (its metrics unprefixed, as in stage 2)."""
-    runner = _Runner(cfg, encoders, rank, world_size)
-    metrics: dict[str, float] = {}
-    if "long_retrieval" in tasks and task_source(cfg, "long_retrieval") is not None:
-        metrics.update(runner.long_retrieval())
-    metrics.update(run_llm_tasks([t for t in tasks if t != "long_retrieval"], cfg, encoders, rank, world_size))
-    return metrics
-
-
-@torch.no_grad()
-def run_llm_tasks(tasks: list[str], cfg: Config, encoders: Encoders, rank: int,
-                  world_size: int) -> dict[str, float]:
-    """Metrics ``<task>/<name>`` of each of ``tasks`` (a subset of LLM_TASKS) with data; collective."""
-    runner = _Runner(cfg, encoders, rank, world_size)
-    metrics: dict[str, float] = {}
-    for task in tasks:
-        if task not in LLM_TASKS:
-            raise ValueError(f"eval.tasks: {task!r} is not one of {', '.join(LLM_TASKS)}")
-        if task_source(cfg, task) is None:
-            continue
-        metrics.update({f"{task}/{name}": value for name, value in getattr(runner, task)().items()})
-    return metrics
+    """One evaluation of ``tasks`` (see :meth:`EvalTasks.run`); a run that evaluates again keeps an EvalTasks."""
+    return EvalTasks(cfg, encoders, rank, world_size).run(tasks)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llm2clip_scale.config.load import ConfigError
+from llm2clip_scale.config.load import ConfigError, layout_problems
 from llm2clip_scale.config.schema import Config, trains_offline
 from llm2clip_scale.metrics.flops import flop_model, matmul_dtype
 from llm2clip_scale.plan import model as shapes
@@ -67,27 +67,12 @@ class Plan:
 
 def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> None:
     """The layout rules a plan needs (validate() also checks files, which a laptop planning a cluster lacks)."""
-    par, train, problems = cfg.parallel, cfg.train, []
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be >= 1")
-    world, mp = nodes * gpus_per_node, par.tensor_parallel * par.pipeline_parallel
-    if par.tensor_parallel < 1 or par.pipeline_parallel < 1:
-        problems.append("parallel.tensor_parallel/pipeline_parallel: must be >= 1")
-    elif world % mp:
-        problems.append(f"parallel: tensor_parallel x pipeline_parallel = {mp} does not divide the {world} GPUs of "
-                        f"{nodes} node(s) x {gpus_per_node}; pick TP and PP whose product divides it")
-    elif cfg.model.llm.num_layers % par.pipeline_parallel:
-        problems.append(f"parallel.pipeline_parallel: {par.pipeline_parallel} must divide model.llm.num_layers")
-    if par.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"parallel.zero_stage: {par.zero_stage} is not 0, 1, 2 or 3")
-    if train.precision not in ("bf16", "fp32"):
-        problems.append(f"train.precision: {train.precision!r}; use bf16 or fp32")
-    replicas = world if train.stage != "llm2clip_cc" else world // max(mp, 1)
-    if train.micro_batch < 1 or train.global_batch % (train.micro_batch * max(replicas, 1)):
-        problems.append(f"train.global_batch: {train.global_batch} is not a multiple of micro_batch "
-                        f"({train.micro_batch}) x {replicas} data-parallel replicas")
+    problems = layout_problems(cfg, nodes * gpus_per_node)
     if problems:
-        raise ConfigError("cannot plan this layout:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(f"cannot plan this layout ({nodes} node(s) x {gpus_per_node} GPUs):\n  - "
+                          + "\n  - ".join(problems))
 
 
 def _ring(total: float, n: int) -> float:

@@ -105,7 +105,8 @@ def run_mntp(trainer: LLM2CLIPCaptionContrastiveTask, steps: int) -> tuple[dict[
 
 def merge_saved_mntp(tower: LLMTextEncoder, state: dict[str, Tensor], llm: LLMConfig) -> int:
     """Fold a checkpoint's MNTP LoRA (global keys, :data:`MNTP_LORA_FILE`) into this rank's base weight shards, as
-    :func:`run_mntp` merged it, leaving the attached SimCSE adapters be; returns how many linears were merged."""
+    :func:`run_mntp` merged it, leaving the attached SimCSE adapters be; returns how many linears were merged.
+    The run's alpha is the checkpoint's: the checkpoint manager refuses a resume under other LoRA settings."""
     ranks = {value.shape[0] for key, value in state.items() if ".A." in key}
     if ranks != {llm.lora_rank}:
         raise ValueError(f"{MNTP_LORA_FILE}: LoRA rank {sorted(ranks)} in the checkpoint, model.llm.lora_rank is "

@@ -21,7 +21,7 @@ from llm2clip_scale.distributed.topology import Topology
 from llm2clip_scale.eval.encoders import Stage2Encoders
 from llm2clip_scale.eval.retrieval import retrieval_recall
 from llm2clip_scale.eval.task_config import LLM_TASKS
-from llm2clip_scale.eval.tasks import run_llm_tasks
+from llm2clip_scale.eval.tasks import EvalTasks
 from llm2clip_scale.losses import ContrastiveLoss, build_contrastive_loss
 from llm2clip_scale.losses.proclip import self_distillation_loss
 from llm2clip_scale.models.clip import build_clip_model
@@ -161,9 +161,10 @@ class Stage2Step:
 
 
 @torch.no_grad()
-def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict | None:
+def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology, tasks: EvalTasks | None = None) -> dict | None:
     """The eval.tasks that have data (docs/EVAL.md), or None when none has: long_retrieval's R@k keep their plain
-    names (r1_i2t, ..., chance, num_samples); the LLM tasks report ``<task>/<metric>``. Collective."""
+    names (r1_i2t, ..., chance, num_samples); the LLM tasks report ``<task>/<metric>``, through ``tasks`` (from
+    :func:`eval_tasks`; kept by a run that evaluates repeatedly, so their sets are read once). Collective."""
     step_fn.engine.eval()
     try:
         metrics: dict = {}
@@ -171,13 +172,18 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict | None:
             metrics.update(_long_retrieval(step_fn, cfg, topo))
         llm_tasks = [t for t in cfg.eval.tasks if t in LLM_TASKS]
         if llm_tasks:
-            encoders = Stage2Encoders(step_fn.engine.module, step_fn.text_tower, step_fn.tp_group,
-                                      cfg.model.llm.tokenizer or None, cfg.model.llm.caption_format,
-                                      cfg.data.max_text_len, step_fn.dtype, topo.device)
-            metrics.update(run_llm_tasks(llm_tasks, cfg, encoders, topo.rank, topo.world_size))
+            metrics.update((tasks or eval_tasks(step_fn, cfg, topo)).run(llm_tasks))
     finally:
         step_fn.engine.train()
     return metrics or None
+
+
+def eval_tasks(step_fn: Stage2Step, cfg: Config, topo: Topology) -> EvalTasks:
+    """The paper-protocol eval tasks over this run's towers (the live modules: later calls see later weights)."""
+    encoders = Stage2Encoders(step_fn.engine.module, step_fn.text_tower, step_fn.tp_group,
+                              cfg.model.llm.tokenizer or None, cfg.model.llm.caption_format, cfg.data.max_text_len,
+                              step_fn.dtype, topo.device)
+    return EvalTasks(cfg, encoders, topo.rank, topo.world_size)
 
 
 def _long_retrieval(step_fn: Stage2Step, cfg: Config, topo: Topology) -> dict:
@@ -225,6 +231,7 @@ class Stage2Task(EngineTask):
         loss_fn = build_contrastive_loss(cfg.train.loss, cfg.train.loss_tile_size)
         self.step_fn = Stage2Step(self.engine, text_tower, topo, dtype, loss_fn, self.teacher,
                                   cfg.train.self_distill_weight, self.lora, cfg.train.self_distill_reduction)
+        self.eval_tasks = eval_tasks(self.step_fn, cfg, topo)  # reads nothing until the first evaluation
         self.loader = build_train_loader(
             cfg.data, cfg.model.llm.tokenizer or None, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
             topo.world_size, cfg.train.seed, cfg.data.max_text_len, embedding_dim=cfg.model.adapter.input_dim,
@@ -247,7 +254,7 @@ class Stage2Task(EngineTask):
         return StepOutput(loss=loss, applied=self.engine.was_step_applied(), metrics=metrics)
 
     def evaluate(self) -> dict | None:
-        return evaluate(self.step_fn, self.cfg, self.topo)
+        return evaluate(self.step_fn, self.cfg, self.topo, self.eval_tasks)
 
     def state(self) -> TaskState:
         shared = {}
