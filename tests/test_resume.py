@@ -1,7 +1,7 @@
 """Exact resume after SIGKILL, for every stage, through the real command line on 2 gloo ranks.
 
 Each case trains once uninterrupted, then trains again into a fresh directory, is killed with SIGKILL (the whole
-process group: torchrun, ranks, loader workers) at a random step after its first checkpoint, and is restarted with
+process tree: torchrun, ranks, loader workers) at a random step after its first checkpoint, and is restarted with
 the same command (``train.resume=auto``). The resumed run's loss at every step, and its final parameters, must equal
 the uninterrupted run's exactly; the steps the killed run logged before dying are a second independent run of
 the same config, so they check run-to-run determinism too.
@@ -9,15 +9,16 @@ the same config, so they check run-to-run determinism too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,25 +54,46 @@ CASES = {
     "llm2clip_cc": ("llm2clip_cc_tiny.yaml", lambda d, s, r, run: [
         *_common(d, run), "train.micro_batch=4", f"stage1.eval_pairs={d}/eval-000000.tar",
         "data.shuffle_buffer=50", "eval.interval=3"]),
+    # The official two views (one loader per view: both loaders' positions must be restored).
     "proclip_inherit": ("proclip_inherit_tiny.yaml", lambda d, s, r, run: [
-        *_common(d, run), "data.num_workers=1",
+        *_common(d, run), "data.num_workers=1", "proclip.views=[short,raw]", "proclip.structure_views=[short]",
         f"proclip.teacher_text={r}/text"]),
 }
 
 
-def _launch(config: str, overrides: list[str], log: Path) -> subprocess.Popen:
+def _launch(config: str, overrides: list[str], log: Path, slow_after: int | None = None) -> subprocess.Popen:
+    """``slow_after``: every step after it sleeps first (tests/stall/sitecustomize.py), so a kill after a logged
+    step lands before the run ends."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "llm2clip_scale", "train", str(REPO / "configs" / config), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if slow_after is not None:
+        env.update(PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "stall"), str(REPO), env.get("PYTHONPATH", "")]),
+                   LLM2CLIP_TEST_SLOW_STEPS=f"after={slow_after},seconds=2")
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process under it. torchrun starts each rank in a session of its own, so killing
+    torchrun's process group would leave the ranks training on (and writing checkpoints) unseen."""
+    root = psutil.Process(proc.pid)
+    tree = [root, *root.children(recursive=True)]
+    for process in tree:  # frozen first, so none starts another process or takes another step while we kill
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.suspend()
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(tree, timeout=60)
+    proc.wait()
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc)
         raise
     assert code == 0, f"run failed ({code}):\n{log.read_text()[-5000:]}"
 
@@ -87,11 +109,10 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, rng: ran
             kill_at = rng.randint(first + 1, STEPS - 1)
         logged = [step for step, _ in loss_records(run_dir)]
         if kill_at is not None and logged and max(logged) >= kill_at:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_tree(proc)
             return max(logged)
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc)
     raise AssertionError(f"the run ended (code {proc.poll()}) before it could be killed after a checkpoint")
 
 
@@ -120,7 +141,8 @@ def test_sigkill_then_resume_is_bit_exact(case: str, tiny_data: Path, tiny_sidec
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     overrides = make(tiny_data, tiny_sidecars, tiny_reference_clip, interrupted)
-    killed_at = _kill_after_first_checkpoint(_launch(config, overrides, log), interrupted, random.Random())
+    killed_at = _kill_after_first_checkpoint(_launch(config, overrides, log, slow_after=INTERVAL), interrupted,
+                                             random.Random())
     first_attempt = dict(loss_records(interrupted))
     _finish(_launch(config, overrides, log), log)  # the same command: train.resume=auto
 
@@ -135,4 +157,6 @@ def test_sigkill_then_resume_is_bit_exact(case: str, tiny_data: Path, tiny_sidec
         assert torch.equal(final[key], value), key
     result = json.loads((interrupted / "logs" / "result.json").read_text())
     assert result["resumed_from"].startswith(str(interrupted / "ckpt"))
+    # The kill landed mid-run: the resumed run trained steps of its own (else the comparisons above prove nothing).
+    assert killed_at < STEPS and int(result["resumed_from"].rsplit("step", 1)[1]) < STEPS, result["resumed_from"]
     assert result["final_loss"] == json.loads((reference / "logs" / "result.json").read_text())["final_loss"]

@@ -1,6 +1,13 @@
-"""Fault injection for tests/test_slurm.py: with LLM2CLIP_TEST_STALL="rank=R,step=S,seconds=T" on PYTHONPATH's
-front, rank R sleeps T seconds inside training step S (a stand-in for a wedged rank). Imported by Python at start-up
-of every process that has this directory on PYTHONPATH; inert without the variable."""
+"""Fault injection for tests, imported by Python at start-up of every process that has this directory at the front
+of PYTHONPATH; inert without the variables below.
+
+- ``LLM2CLIP_TEST_STALL="rank=R,step=S,seconds=T"`` (tests/test_slurm.py): rank R sleeps T seconds inside training
+  step S, a stand-in for a wedged rank.
+- ``LLM2CLIP_TEST_SLOW_STEPS="after=S,seconds=T"`` (tests/test_resume.py): every rank sleeps T seconds before each
+  step after step S, whatever the stage, so that a test killing the run after a logged step lands before the run
+  ends (a tiny run otherwise finishes in the time a busy machine takes to notice the step). Timing only: every step
+  computes what it would have.
+"""
 
 import os
 
@@ -23,3 +30,25 @@ if _SPEC:
             return _step(self, batch)
 
         Stage2Task.step = _stalling_step
+
+_SLOW = os.environ.get("LLM2CLIP_TEST_SLOW_STEPS")
+if _SLOW and "RANK" in os.environ:  # training ranks only, not torchrun's launcher
+    import time
+
+    import llm2clip_scale.train.loop as _loop
+
+    _slow = dict(item.split("=") for item in _SLOW.split(","))
+    _train = _loop._train
+
+    def _slow_train(cfg, task, topo, loop, *rest):
+        step = task.step
+
+        def slow_step(batch):
+            if loop.step + 1 > int(_slow["after"]):
+                time.sleep(float(_slow["seconds"]))
+            return step(batch)
+
+        task.step = slow_step
+        return _train(cfg, task, topo, loop, *rest)
+
+    _loop._train = _slow_train
