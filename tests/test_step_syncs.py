@@ -1,4 +1,5 @@
-"""Host synchronisations of a stage-2 step, counted on 2 gloo ranks and held to what the step needs.
+"""Host synchronisations of a stage-2 and a ProCLIP stage-1 step, counted on 2 gloo ranks and held to what the step
+needs.
 
 On a GPU two things stall a step: a read of a device value on the host (``.item()``, ``.tolist()``, ``bool(t)``,
 ``.cpu()``: the CPU waits for everything queued before it) and a collective (a launch, and a wait for the slowest
@@ -7,8 +8,9 @@ rank). On CPU ranks neither stalls anything, so they are counted instead: a Torc
 collective, and ``Tensor.tolist``/``.numpy``/``.cpu`` are wrapped. The window of a step runs from ``task.step`` to
 the loop's next batch fetch (so it holds the step, the loop's reduction, logging and checkpoint polling, and not the
 data loader, whose tensors live on the host). Each event is charged to its owner by the innermost frame of this
-package, DeepSpeed, megatron or torch.optim on its stack; ours are asserted against the budget below, DeepSpeed's
-ZeRO, megatron's tensor parallelism and the CPU reference AdamW are reported (tools-style table under ``__main__``).
+package, DeepSpeed, megatron, torch.optim or transformers on its stack; ours are asserted against the budget below,
+DeepSpeed's ZeRO, megatron's tensor parallelism, the CPU reference AdamW and ProCLIP's HF CLIP teacher are reported
+(tools-style table under ``__main__``).
 
 The table, from the repository root: ``python -m tests.test_step_syncs [--world 2] [--steps 4]``.
 """
@@ -30,7 +32,7 @@ from tests.multiprocess import run_on_ranks
 REPO = Path(__file__).resolve().parents[1]
 ACCUMULATION = 2  # micro-batches per rank and step in the offline run: per-micro-batch costs show as multiples
 OWNERS = (("/llm2clip_scale/", "ours"), ("/deepspeed/", "zero"), ("/megatron/", "llm_tp"),
-          ("/torch/optim/", "optimizer"))
+          ("/torch/optim/", "optimizer"), ("/transformers/", "hf_teacher"))  # ProCLIP's CLIP text teacher
 NOT_LAUNCHES = ("wait_tensor", "_wrap_tensor_autograd")  # waits on / wrappers of a collective already counted
 READS = ("tolist", "numpy", "cpu")  # host reads that dispatch nothing on a CPU tensor, so are wrapped instead
 
@@ -38,9 +40,12 @@ READS = ("tolist", "numpy", "cpu")  # host reads that dispatch nothing on a CPU 
 def budget(variant: str, micro_batches: int, world: int) -> dict[tuple[str, str], int]:
     """What a steady step of ours needs, by (kind, owner). Only SigLIP's ring depends on ``world``; no read does."""
     m = micro_batches
+    if variant == "proclip":  # per-sample distillation: nothing gathered, nothing read but the loop's packed values
+        # and, per micro-batch and view (2), the captions' lengths for the LLM's bucket plan (host tensors)
+        return {("collective", "ours"): 1, ("read", "ours"): 1 + 2 * m}
     if variant == "offline":  # InfoNCE
-        loss = (2 * m  # image and text features gathered over the world (functional all-gather, nothing read)
-                + 2 * m)  # their backward: reduce-scatter of the gradients to the ranks that own the rows
+        loss = (2 * m  # image and text features gathered over the world (an all-gather, nothing read)
+                + 2 * m)  # their backward: each row's gradient summed to its owner (reduce-scatter; gloo: all-reduce)
     else:  # SigLIP: the text blocks go round the ring, world - 1 hops of a send and a receive, and back in backward
         loss = m * 2 * 2 * (world - 1)
     collectives = loss + 1  # the loop's all-reduce of loss, terms and stop votes, every step; the metrics ride along
@@ -61,9 +66,6 @@ def _owner(op: str) -> tuple[str, str]:
     frames = traceback.extract_stack()[:-3]
     where = next(((frame, owner) for frame in reversed(frames) for key, owner in OWNERS if key in frame.filename),
                  None)
-    if op.startswith("_c10d_functional."):
-        # The world gathers of the loss are ours; their backward runs under DeepSpeed's engine.backward.
-        return "ours", f"{op} (feature gather or its backward)"
     if where is None:
         return "other", op
     frame, owner = where
@@ -119,15 +121,17 @@ class SyncCounter:
             self.current = collections.Counter()
 
 
-def _counted_run(overrides: list[str]) -> tuple[list[dict], object]:
-    """Train stage 2 under ``overrides`` with every step's window counted; the windows and the task."""
+def _counted_run(overrides: list[str], config: str = "tiny_cpu.yaml") -> tuple[list[dict], object]:
+    """Train ``config`` (stage 2, or ProCLIP stage 1) under ``overrides`` with every step's window counted; the
+    windows and the task."""
     from llm2clip_scale.config import load_config
+    from llm2clip_scale.train import build_task
     from llm2clip_scale.train.loop import run
-    from llm2clip_scale.train.stage2 import Stage2Task
 
     counter = SyncCounter()
+    cfg = load_config(REPO / "configs" / config, overrides)
 
-    class Counted(Stage2Task):
+    class Counted(type(build_task(cfg.train.stage))):
         def step(self, micro_batches: list[dict]):  # noqa: ANN202
             counter.open()
             return super().step(micro_batches)
@@ -139,7 +143,7 @@ def _counted_run(overrides: list[str]) -> tuple[list[dict], object]:
                 yield next(inner)
 
     task = Counted()
-    run(load_config(REPO / "configs" / "tiny_cpu.yaml", overrides), task)
+    run(cfg, task)
     counter.close()  # the last step's window holds the final save: not a steady step, dropped below
     return counter.windows[:-1], task
 
@@ -216,7 +220,8 @@ def _equal_rows_gradients() -> dict:
     return out
 
 
-def _rank(data: Path, sidecars: Path | None, run_dir: Path, steps: int, checks: bool = True) -> dict:
+def _rank(data: Path, sidecars: Path | None, run_dir: Path, steps: int, checks: bool = True,
+          reference_clip: Path | None = None) -> dict:
     import os
 
     world = int(os.environ["WORLD_SIZE"])  # micro-batches of 8 on every rank, whatever the world
@@ -230,6 +235,12 @@ def _rank(data: Path, sidecars: Path | None, run_dir: Path, steps: int, checks: 
                             "parallel.tensor_parallel=2", "parallel.zero_stage=2", "train.loss=siglip",
                             "model.logit_bias_init=-10")
     result: dict = {}
+    if reference_clip is not None:  # ProCLIP stage 1, the official two views, 2 micro-batches a step
+        proclip = [*tiny_overrides(data, run_dir / "proclip", steps, "data.eval_shards=null", "train.resume=none",
+                                   f"train.global_batch={8 * world * ACCUMULATION}"),
+                   f"proclip.teacher_text={reference_clip}/text", "proclip.views=[short,raw]",
+                   "proclip.structure_views=[short]", "data.num_workers=0"]
+        result["proclip"], _ = _counted_run(proclip, "proclip_inherit_tiny.yaml")
     if sidecars is not None:
         result["offline"], _ = _counted_run(offline)
     result["online_tp2"], task = _counted_run(online)
@@ -246,11 +257,14 @@ STEPS = 4  # windows of steps 1..3 (the last step's holds the final save); step 
 
 
 @pytest.fixture(scope="module")
-def counted(tiny_data: Path, tiny_sidecars: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_on_ranks(_rank, 2, tiny_data, tiny_sidecars, tmp_path_factory.mktemp("syncs"), STEPS)[0]
+def counted(tiny_data: Path, tiny_sidecars: Path, tiny_reference_clip: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_on_ranks(_rank, 2, tiny_data, tiny_sidecars, tmp_path_factory.mktemp("syncs"), STEPS, True,
+                        tiny_reference_clip)[0]
 
 
-@pytest.mark.parametrize("variant, micro_batches", [("offline", ACCUMULATION), ("online_tp2", 1)])
+@pytest.mark.parametrize("variant, micro_batches", [("offline", ACCUMULATION), ("online_tp2", 1),
+                                                    ("proclip", ACCUMULATION)])
 def test_a_step_needs_one_read_and_its_collectives(counted: dict, variant: str, micro_batches: int) -> None:
     windows = counted[variant]
     assert len(windows) == STEPS - 1

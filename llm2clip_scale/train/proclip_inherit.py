@@ -101,12 +101,17 @@ class Distiller:
         pairs, structure, dropped, offered = [], [], 0, 0
         for name, (student, captions) in views.items():
             keep = teacher_reads_whole(self.teacher.tokenizer, captions, self.limit)
-            kept = [caption for caption, ok in zip(captions, keep) if ok]
+            rows = [i for i, ok in enumerate(keep) if ok]
+            kept = [captions[i] for i in rows]
             dropped, offered = dropped + len(captions) - len(kept), offered + len(captions)
-            rows = torch.tensor(keep, dtype=torch.bool, device=student.device)
+            if len(rows) < len(captions):
+                # Row numbers from the host, copied without waiting for the device (a boolean mask would make the
+                # host wait to learn how many rows it keeps).
+                student = student.index_select(0, torch.tensor(rows, dtype=torch.long).to(student.device,
+                                                                                           non_blocking=True))
             teacher = (self.teacher.encode(kept, self.device, self.limit) if kept
                        else student.new_zeros(0, student.shape[1]))
-            pairs.append((student[rows], teacher))
+            pairs.append((student, teacher))
             structure.append(not self.structure_views or name in self.structure_views)
         ins, struct = multi_view_losses(pairs, structure, self.reduction)
         loss = self.instance_weight * ins + self.structure_weight * struct
@@ -270,17 +275,19 @@ class ProCLIPInheritTask(EngineTask):
             yield [next(stream) for _ in range(accumulation)]
 
     def step(self, micro_batches: list[dict]) -> StepOutput:
-        totals = torch.zeros(4, dtype=torch.float64)
+        # Device scalars, not floats: the loop reads them all in one transfer after its all-reduce, so the step waits
+        # for the device nowhere (tests/test_step_syncs.py counts).
+        losses, dropped_frac = [], 0.0
         for batch in micro_batches:
             out = self.step_fn(batch)
             self.teacher_dropped += out.dropped
-            totals += torch.tensor([out.loss.item(), out.l_ins.item(), out.l_struct.item(),
-                                    out.dropped / out.views], dtype=torch.float64) / len(micro_batches)
-        loss, l_ins, l_struct, dropped = totals.tolist()
+            dropped_frac += out.dropped / out.views / len(micro_batches)
+            losses.append(torch.stack([out.loss.detach(), out.l_ins.detach(), out.l_struct.detach()]))
+        loss, l_ins, l_struct = torch.stack(losses).double().mean(dim=0).unbind()
+        grad_norm = self.engine.get_global_grad_norm()  # a device scalar under ZeRO and bf16, None before any step
         return StepOutput(loss=loss, applied=self.engine.was_step_applied(),
-                          terms={"l_ins": l_ins, "l_struct": l_struct, "teacher_dropped_frac": dropped},
-                          metrics={"lr": self.engine.get_lr()[0],
-                                   "grad_norm": float(self.engine.get_global_grad_norm() or 0.0)})
+                          terms={"l_ins": l_ins, "l_struct": l_struct, "teacher_dropped_frac": dropped_frac},
+                          metrics={"lr": self.engine.get_lr()[0], "grad_norm": 0.0 if grad_norm is None else grad_norm})
 
     def skipped_samples(self) -> int:
         """The loader's skips plus the captions refused as teacher views (too long for the teacher), world-wide."""
