@@ -74,6 +74,7 @@ def _reference(task, data: Path) -> dict:
 
 
 def _train_then_eval(data: Path, run_dir: Path) -> dict:
+    from llm2clip_scale.checkpoint.layout import CheckpointError
     from llm2clip_scale.cli import main
     from llm2clip_scale.config import load_config
     from llm2clip_scale.eval.run import build_stage2
@@ -87,9 +88,24 @@ def _train_then_eval(data: Path, run_dir: Path) -> dict:
     # in every collective); the frozen tower is the TP=1 function, so the metrics must not move.
     tp2, _ = build_stage2(load_config(CONFIG, [*overrides, "parallel.tensor_parallel=2"]), str(run_dir / "ckpt"))
     evaluated_tp2 = tp2.evaluate()
+    # PP=2 (the last stage's embeddings broadcast to the first) under ZeRO-2, from the ZeRO-1 checkpoint (DeepSpeed's
+    # universal conversion): the same function again.
+    pp2 = ["parallel.pipeline_parallel=2"]
+    evaluated_pp2 = build_stage2(load_config(CONFIG, [*overrides, *pp2, "parallel.zero_stage=2"]),
+                                 str(run_dir / "ckpt"))[0].evaluate()
+    # ZeRO-3 (the vision tower and adapter gathered parameter by parameter in every forward) cannot load a ZeRO-1
+    # checkpoint, and says so; as built (the seed's weights) it evaluates as the ZeRO-1, TP=1 model does.
+    try:
+        build_stage2(load_config(CONFIG, [*overrides, *pp2, "parallel.zero_stage=3"]), str(run_dir / "ckpt"))
+        zero3_refused = ""
+    except CheckpointError as err:
+        zero3_refused = str(err)
+    initial = build_stage2(load_config(CONFIG, overrides))[0].evaluate()
+    initial_pp2_zero3 = build_stage2(load_config(CONFIG, [*overrides, *pp2, "parallel.zero_stage=3"]))[0].evaluate()
     code = main(["eval", CONFIG, *overrides, "--tasks", TASKS, "--checkpoint", str(run_dir / "ckpt")])
     return {"trained": trained, "info": info, "reference": reference, "evaluated": evaluated, "code": code,
-            "evaluated_tp2": evaluated_tp2}
+            "evaluated_tp2": evaluated_tp2, "evaluated_pp2": evaluated_pp2, "zero3_refused": zero3_refused,
+            "initial": initial, "initial_pp2_zero3": initial_pp2_zero3}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +125,11 @@ def test_eval_tasks_during_training_and_from_the_cli(run: tuple[list[dict], Path
     for key, value in reference.items():
         assert evaluated[key] == pytest.approx(value, abs=1e-6), key
     assert first["evaluated_tp2"] == pytest.approx(evaluated, abs=1e-6)
+    assert first["evaluated_pp2"] == pytest.approx(evaluated, abs=1e-6)
+    assert "saved by 2 rank(s) under parallel.zero_stage=1; this run has 2 rank(s) and zero_stage=3" in (
+        first["zero3_refused"])
+    assert first["initial_pp2_zero3"] == pytest.approx(first["initial"], abs=1e-6)
+    assert first["initial"] != pytest.approx(evaluated, abs=1e-6)  # the trained model scores differently
     assert evaluated["num_samples"] == 32 and evaluated["retrieval/num_captions"] == 160
     assert 0 < evaluated["zeroshot/num_samples"] < 32 and evaluated["zeroshot/num_classes"] == 18
     for key in ("r1_i2t", "r10_t2i", "retrieval/r1_i2t", "retrieval/r5_t2i", "zeroshot/top1", "cra/top1"):

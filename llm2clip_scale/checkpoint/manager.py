@@ -231,7 +231,8 @@ class CheckpointManager:
             self._verify(path, manifest)
         saved_layout = manifest["layout"]
         if state.engine is not None:
-            load_engine(state.engine, path, ENGINE_TAG, saved_layout["world_size"], self.topo.world_size)
+            load_engine(state.engine, path, ENGINE_TAG, saved_layout["world_size"], self.topo.world_size,
+                        saved_layout.get("zero_stage"))
         if state.llm is not None:
             state.llm.load(path / "llm")
         source_rank = _matching_rank(manifest["rank_data_keys"], list(data_key))

@@ -1,7 +1,8 @@
 """Loading the DeepSpeed (vision) side of a checkpoint, at the data-parallel size it was saved with or another.
 
-Same world size: DeepSpeed's own ``load_checkpoint`` (ZeRO partitions, optimizer, lr schedule), bit-exact.
-Another world size: ZeRO partitions belong to the old ranks, so the checkpoint is first converted to DeepSpeed's
+Same world size and ZeRO stage: DeepSpeed's own ``load_checkpoint`` (ZeRO partitions, optimizer, lr schedule),
+bit-exact. Another world size, or ZeRO-1 <-> ZeRO-2: ZeRO partitions belong to the old ranks and stage, so the
+checkpoint is first converted to DeepSpeed's
 universal checkpoint format (``deepspeed.checkpoint.ds_to_universal``: one fp32 file per parameter for the weights
 and each optimizer moment), once, by rank 0, next to the original; every rank then loads it with
 ``checkpoint.load_universal``, which re-partitions for the new world.
@@ -19,22 +20,34 @@ from llm2clip_scale.checkpoint.layout import CheckpointError
 log = logging.getLogger("llm2clip_scale.checkpoint")
 
 
-def load_engine(engine: object, path: Path, tag: str, saved_world: int, world: int) -> None:
-    """Restore ``engine`` (a DeepSpeedEngine) from ``path/tag``; collective."""
+def load_engine(engine: object, path: Path, tag: str, saved_world: int, world: int,
+                saved_stage: int | None = None) -> None:
+    """Restore ``engine`` (a DeepSpeedEngine) from ``path/tag``, saved by ``saved_world`` ranks under ZeRO stage
+    ``saved_stage`` (None: this engine's); collective."""
     if not (path / tag).is_dir():
         raise CheckpointError(f"{path / tag}: missing; this checkpoint has no DeepSpeed part for the vision side")
-    if saved_world == world:
+    stage = engine.zero_optimization_stage()
+    saved_stage = stage if saved_stage is None else saved_stage
+    if saved_world == world and saved_stage == stage:
         load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"{path / tag}: DeepSpeed found no checkpoint to load")
         return
+    if (saved_stage != stage and 0 in (saved_stage, stage)) or 3 in (saved_stage, stage):
+        # ZeRO-0 keeps the optimizer in the model file and ZeRO-3 partitions the weights too; DeepSpeed's universal
+        # format, the conversion used below, restores neither here (its loader finds no ZeRO-3 model files).
+        raise CheckpointError(
+            f"{path}: saved by {saved_world} rank(s) under parallel.zero_stage={saved_stage}; this run has {world} "
+            f"rank(s) and zero_stage={stage}. A checkpoint converts between world sizes and between ZeRO stages 1 and "
+            "2 only (ZeRO-0: world sizes only; ZeRO-3: neither): run with the saved world size and zero_stage "
+            "(tools/convert_to_hf.py exports a checkpoint of any layout)")
     _load_resharded(engine, path, tag, saved_world, world)
 
 
 def _load_resharded(engine: object, path: Path, tag: str, saved_world: int, world: int) -> None:
     stage = engine.zero_optimization_stage()
-    if stage == 0:
+    if stage == 0:  # and so was the saved one (load_engine)
         # ZeRO-0 keeps whole optimizer states in the rank-0 model file: nothing is partitioned by rank.
         log.info("%s: loading a ZeRO-0 checkpoint saved at world %d into world %d", path, saved_world, world)
         engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
