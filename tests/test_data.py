@@ -191,6 +191,25 @@ def test_train_ranks_differ_and_reruns_are_identical(synth: Path, monkeypatch: p
     assert [b["keys"] for b in second_pass] != [b["keys"] for b in first_pass]  # a new pass is not a replay
 
 
+def test_a_text_only_stream_is_the_image_streams_text_without_decoding(synth: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """images=False (ProCLIP stage 1): the same samples, captions and token ids as the image stream on clean data,
+    random crops included (their RNG is the augmentation's own), and not one image decoded."""
+    cfg = _cfg(synth, num_workers=0, augment="random_resized_crop", caption_fields={"raw": 1.0, "long": 1.0})
+    tok = str(synth / "tokenizer")
+    with_images = _take(build_train_loader(cfg, tok, SIZE, 8, 0, 1, 0, max_text_len=32), 4)
+    import llm2clip_scale.data.samples as samples
+
+    opened = []
+    real_open = samples.Image.open
+    monkeypatch.setattr(samples.Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    text_only = _take(build_train_loader(cfg, tok, SIZE, 8, 0, 1, 0, max_text_len=32, images=False), 4)
+    assert opened == [] and all("images" not in batch for batch in text_only)
+    for a, b in zip(with_images, text_only, strict=True):
+        assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pool_mask"], b["pool_mask"])
+
+
 def test_random_crop_leaves_global_rng_alone_in_process(synth: Path) -> None:
     cfg = _cfg(synth, augment="random_resized_crop")
     state = torch.get_rng_state()
@@ -291,6 +310,10 @@ def test_train_loader_survives_bad_data(tmp_path: Path, synth: Path) -> None:
     assert {k for b in batches for k in b["keys"]} <= good_keys
     totals = [sum(b["skipped"].values()) for b in batches]
     assert totals == sorted(totals) and set(batches[-1]["skipped"]) == set(EXPECTED_SKIPS)
+    # A text-only stream neither needs nor checks images: only the caption and shard faults remain.
+    text_only = _take(build_train_loader(cfg, str(synth / "tokenizer"), SIZE, 4, 0, 1, 0, 16, images=False), 15)
+    assert {k for b in text_only for k in b["keys"]} <= good_keys | {"junk-jpg", "cut-jpg", "no-image"}
+    assert set(text_only[-1]["skipped"]) == set(EXPECTED_SKIPS) - {"bad_image", "missing_image"}
 
 
 def test_every_truncation_point_yields_complete_samples_and_one_read_error(tmp_path: Path) -> None:

@@ -283,6 +283,7 @@ def build_train_loader(
     max_text_len: int,
     embedding_dim: int | None = None,
     caption_format: str = "plain",
+    images: bool = True,
 ) -> TrainLoader:
     """Infinite, resampled training batches of ``micro_batch`` samples for ``rank`` of ``world_size``.
 
@@ -298,6 +299,9 @@ def build_train_loader(
     ``input_ids``/``attention_mask``/``pool_mask``; ``tokenizer_path`` may be None. ``embedding_dim`` (the adapter's
     input size) is checked on every vector; None trusts the first vector each worker sees. Online, captions are
     tokenised in ``caption_format`` (``model.llm.caption_format``, data/prompts.py).
+
+    ``images=False``: a text-only stream for a stage that reads no pixels (ProCLIP stage 1): no image is decoded and
+    batches carry no ``images``; a sample's image is then neither needed nor checked.
     """
     _check_common(rank, world_size, micro_batch, max_text_len, image_size)
     sources = []
@@ -324,6 +328,7 @@ def build_train_loader(
         max_text_len,
         embedding_dim,
         caption_format,
+        images,
     )
     return TrainLoader(dataset, data_cfg.num_workers, label=f"train data rank {rank}")
 

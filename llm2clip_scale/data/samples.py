@@ -29,7 +29,7 @@ logger = logging.getLogger("llm2clip_scale.data")
 @dataclass
 class Example:
     key: str
-    image: torch.Tensor
+    image: torch.Tensor | None  # None in a text-only stream (a stage that reads no pixels)
     caption: str
     field: str
     index: int = -1  # global eval index; -1 in training
@@ -108,19 +108,21 @@ class ImageTransform:
 def train_examples(
     samples: Iterable[dict],
     weights: dict[str, float],
-    transform: ImageTransform,
+    transform: ImageTransform | None,
     rng: random.Random,
     skips: SkipCounter,
     embeddings: EmbeddingDecoder | None = None,
     dataset: str = "",
 ) -> Iterator[Example]:
+    """Training examples of ``samples``; ``transform`` None makes them text-only: no image is decoded, so a sample's
+    image is neither needed nor checked."""
     for sample in samples:
         # Captions first: they are cheap to check and save decoding images we would drop anyway.
         options = _caption_options(sample, weights, skips)
         if not options:
             continue
-        image = _decode_image(sample, skips)
-        if image is None:
+        image = _decode_image(sample, skips) if transform is not None else None
+        if image is None and transform is not None:
             continue
         # The field is drawn before its embedding is checked, so online and offline streams draw identically.
         name, caption = _pick_caption(options, rng)
@@ -130,8 +132,8 @@ def train_examples(
             if embedding is None:
                 continue
         skips.good()
-        yield Example(key=sample["__key__"], image=transform(image), caption=caption, field=name, embedding=embedding,
-                      dataset=dataset)
+        yield Example(key=sample["__key__"], image=None if transform is None else transform(image), caption=caption,
+                      field=name, embedding=embedding, dataset=dataset)
 
 
 def eval_examples(
@@ -205,7 +207,7 @@ class Collator:
     def __call__(self, examples: list[Example]) -> dict:
         captions = [e.caption for e in examples]
         batch = {
-            "images": torch.stack([e.image for e in examples]),
+            **({"images": torch.stack([e.image for e in examples])} if examples[0].image is not None else {}),
             "keys": [e.key for e in examples],
             "captions": captions,
             "caption_fields": [e.field for e in examples],

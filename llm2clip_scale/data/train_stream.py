@@ -82,8 +82,10 @@ class TrainStream(IterableDataset):
         max_text_len: int,
         embedding_dim: int | None,
         caption_format: str,
+        images: bool = True,
     ) -> None:
         super().__init__()
+        self.images = images
         self.sources, self.cfg, self.tokenizer_path = sources, data_cfg, tokenizer_path
         self.image_size, self.micro_batch, self.rank, self.seed = image_size, micro_batch, rank, seed
         self.max_text_len, self.embedding_dim, self.caption_format = max_text_len, embedding_dim, caption_format
@@ -151,7 +153,8 @@ class TrainStream(IterableDataset):
             if "mix_rng" in saved:
                 mix_rng.setstate(_random_state(saved["mix_rng"]))
             skips.counts = dict(saved["skips"])
-        transform = ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, augment_rng)
+        transform = (ImageTransform(self.image_size, cfg.image_mean, cfg.image_std, cfg.augment, augment_rng)
+                     if self.images else None)
         embeddings = EmbeddingDecoder(self.embedding_dim, label) if self.offline else None
         per_dataset = [
             train_examples(raw, source.caption_fields, transform, captions_rng, skips, embeddings, source.name)

@@ -260,6 +260,7 @@ class ProCLIPInheritTask(EngineTask):
             name: build_train_loader(
                 data, cfg.model.llm.tokenizer, cfg.model.vision.image_size, cfg.train.micro_batch, topo.rank,
                 topo.world_size, cfg.train.seed, cfg.data.max_text_len, caption_format=cfg.model.llm.caption_format,
+                images=False,  # stage 1 distils text into text: no image is decoded
             )
             for name, data in datas.items()
         }
