@@ -177,6 +177,36 @@ def _too_long_in_stream(overrides: list[str], field: str, batches: int, limit: i
     return count
 
 
+def _views_embedded_once_and_apart(overrides: list[str]) -> dict:
+    from llm2clip_scale.distributed.topology import build_topology, init_distributed
+    from llm2clip_scale.train.proclip_inherit import ProCLIPInheritTask
+
+    cfg = load_config(REPO / "configs" / "proclip_inherit_tiny.yaml", overrides)
+    init_distributed("gloo")
+    task = ProCLIPInheritTask()
+    task.build(cfg, build_topology())
+    [views] = next(task.batches())
+    with torch.no_grad():
+        once = task.step_fn.views_embeddings(list(views))
+        apart = torch.cat([task.step_fn.llm_embeddings(view) for view in views])
+    return {"once": once, "apart": apart, "widths": [view["input_ids"].shape[1] for view in views]}
+
+
+def test_two_views_embed_in_one_call_as_they_embed_apart(tiny_data: Path, tiny_reference_clip: Path,
+                                                         tmp_path: Path) -> None:
+    overrides = [
+        f"data.train_shards={tiny_data}/train-{{000000..000003}}.tar", "data.eval_shards=null",
+        f"model.llm.tokenizer={tiny_data}/tokenizer", *TINY_VISION, "data.num_workers=0", "train.global_batch=8",
+        "train.micro_batch=8", f"proclip.teacher_text={tiny_reference_clip}/text", "proclip.views=[short,raw]",
+        f"checkpoint.dir={tmp_path}/ckpt", f"logging.dir={tmp_path}/logs",
+    ]
+    [result] = run_on_ranks(_views_embedded_once_and_apart, 1, overrides)
+    assert result["widths"][0] != result["widths"][1]  # the short view's rows are widened to the raw view's
+    assert result["once"].shape == (16, 128)
+    relative = (result["once"] - result["apart"]).norm(dim=1) / result["apart"].norm(dim=1)
+    assert float(relative.max()) <= 1e-5  # fp32; one bucket plan for both views instead of one each
+
+
 def test_two_view_run_counts_refused_teacher_views(tiny_data: Path, tiny_reference_clip: Path, tmp_path: Path
                                                     ) -> None:
     steps, max_len = 2, 10

@@ -41,8 +41,8 @@ def budget(variant: str, micro_batches: int, world: int) -> dict[tuple[str, str]
     """What a steady step of ours needs, by (kind, owner). Only SigLIP's ring depends on ``world``; no read does."""
     m = micro_batches
     if variant == "proclip":  # per-sample distillation: nothing gathered, nothing read but the loop's packed values
-        # and, per micro-batch and view (2), the captions' lengths for the LLM's bucket plan (host tensors)
-        return {("collective", "ours"): 1, ("read", "ours"): 1 + 2 * m}
+        # and, per micro-batch, its captions' lengths (both views' at once) for the LLM's bucket plan (host tensors)
+        return {("collective", "ours"): 1, ("read", "ours"): 1 + m}
     if variant == "offline":  # InfoNCE
         loss = (2 * m  # image and text features gathered over the world (an all-gather, nothing read)
                 + 2 * m)  # their backward: each row's gradient summed to its owner (reduce-scatter; gloo: all-reduce)

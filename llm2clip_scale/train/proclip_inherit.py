@@ -7,8 +7,9 @@ The path of one batch, top to bottom:
   reads whole only: a longer one is dropped from the loss and counted in skipped_samples
   loss = instance_weight * L_ins(s, t) + structure_weight * L_struct(s, t) -> engine.backward/step
 With proclip.views (the official recipe: short and raw captions), every sample is distilled on each view's caption:
-one loader per view (same seed and shards, so the same samples in the same order), one adapter forward over all
-views' rows, the per-view terms reduced by proclip.reduction (losses/proclip.py: multi_view_losses).
+one text-only loader per view (same seed and shards, so the same samples in the same order), one LLM embed and one
+adapter forward over all views' rows, the per-view terms reduced by proclip.reduction (losses/proclip.py:
+multi_view_losses).
 At the end rank 0 writes ``<checkpoint.dir>/adapter.safetensors``, which ProCLIP stage 2 loads through
 ``model.adapter_init``; the held-out split measures how well the adapter reproduces the teacher.
 
@@ -148,10 +149,21 @@ class InheritStep:
         teacher = self.teacher.encode(batch["captions"], self.topo.device, self.max_text_len)
         return student, teacher
 
+    def views_embeddings(self, views: list[dict]) -> torch.Tensor:
+        """All views' LLM embeddings, in view order, from one embed of every view's captions (online): the TP group's
+        exchanges and tower passes come once per micro-batch, not once per view. Same calls on every TP rank."""
+        if len(views) == 1 or "llm_embeddings" in views[0]:
+            return torch.cat([self.llm_embeddings(view) for view in views])
+        width = max(view["input_ids"].shape[1] for view in views)
+        # Right padding is masked, so widening a view's rows to the longest view's changes none of its embeddings.
+        merged = {key: torch.cat([F.pad(view[key], (0, width - view[key].shape[1])) for view in views])
+                  for key in ("input_ids", "attention_mask", "pool_mask")}
+        return self.llm_embeddings(merged)
+
     def distil(self, batch: dict | tuple[dict, ...]) -> Distilled:
         views = dict(zip(self.view_names, batch, strict=True)) if isinstance(batch, tuple) else {"": batch}
-        llm = [self.llm_embeddings(view) for view in views.values()]  # same calls on every TP rank
-        students = self.engine(torch.cat(llm).to(self.dtype)).float().split([len(e) for e in llm])
+        llm = self.views_embeddings(list(views.values()))
+        students = self.engine(llm.to(self.dtype)).float().split([len(view["captions"]) for view in views.values()])
         return self.distiller({name: (student, view["captions"])
                                for (name, view), student in zip(views.items(), students)})
 
