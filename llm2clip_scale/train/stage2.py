@@ -161,10 +161,10 @@ class Stage2Step:
 
 
 @torch.no_grad()
-def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology, tasks: EvalTasks | None = None) -> dict | None:
+def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology, tasks: EvalTasks) -> dict | None:
     """The eval.tasks that have data (docs/EVAL.md), or None when none has: long_retrieval's R@k keep their plain
     names (r1_i2t, ..., chance, num_samples); the LLM tasks report ``<task>/<metric>``, through ``tasks`` (from
-    :func:`eval_tasks`; kept by a run that evaluates repeatedly, so their sets are read once). Collective."""
+    :func:`eval_tasks`, kept by the run, so their sets are read once). Collective."""
     step_fn.engine.eval()
     try:
         metrics: dict = {}
@@ -172,7 +172,7 @@ def evaluate(step_fn: Stage2Step, cfg: Config, topo: Topology, tasks: EvalTasks 
             metrics.update(_long_retrieval(step_fn, cfg, topo))
         llm_tasks = [t for t in cfg.eval.tasks if t in LLM_TASKS]
         if llm_tasks:
-            metrics.update((tasks or eval_tasks(step_fn, cfg, topo)).run(llm_tasks))
+            metrics.update(tasks.run(llm_tasks))
     finally:
         step_fn.engine.train()
     return metrics or None
