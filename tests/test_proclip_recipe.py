@@ -121,6 +121,8 @@ def test_caption_longer_than_the_teacher_is_dropped_and_counted(tiny_data: Path)
     assert (out.dropped, out.views) == (1, 4)
     kept = student[[0, 2, 3]]
     target = teacher.encode(short)  # the three readable captions, each whole
+    # The Distiller hands the teacher the ids it measured: padded as encode pads them, the same embeddings exactly.
+    assert torch.equal(teacher.encode_ids(teacher.tokenizer(short)["input_ids"]), target)
     torch.testing.assert_close(out.l_ins, instance_loss(kept, target), rtol=0, atol=1e-6)
     torch.testing.assert_close(out.l_struct, structure_loss(kept, target), rtol=0, atol=1e-6)
     torch.testing.assert_close(out.loss, 0.5 * out.l_ins + 2.0 * out.l_struct, rtol=0, atol=1e-6)

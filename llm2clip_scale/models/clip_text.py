@@ -64,6 +64,19 @@ class CLIPTextTeacher(nn.Module):
         return F.normalize(out.text_embeds.float(), dim=-1)
 
     @torch.no_grad()
+    def encode_ids(self, ids: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Captions already tokenised by :attr:`tokenizer` (each within the position table), right-padded to the
+        longest as :meth:`encode` pads them -> embeddings. Saves a second tokenisation of captions whose token
+        lengths the caller needed anyway."""
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+        return self(input_ids.to(device), attention_mask.to(device))
+
+    @torch.no_grad()
     def encode(self, captions: list[str], device: torch.device | str = "cpu", max_length: int | None = None
                ) -> torch.Tensor:
         """Tokenise raw captions with the teacher's tokenizer (truncated to its position table) and embed them."""

@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from llm2clip_scale.checkpoint.manager import TaskState
 from llm2clip_scale.config.schema import Config, DataConfig, ProCLIPConfig
@@ -64,12 +63,6 @@ class AdapterStudent(nn.Module):
         return self.adapter(llm_embeddings)
 
 
-def teacher_reads_whole(tokenizer: PreTrainedTokenizerBase, captions: list[str], limit: int) -> list[bool]:
-    """Whether each caption's full teacher tokenisation (special tokens included) fits in ``limit`` tokens."""
-    ids = tokenizer(captions, truncation=False, verbose=False)["input_ids"]
-    return [len(row) <= limit for row in ids]
-
-
 @dataclass
 class Distilled:
     """One micro-batch's stage-1 loss and its parts; ``dropped``/``views`` count captions refused / offered as
@@ -101,16 +94,16 @@ class Distiller:
         """``views``: field -> (student rows, their captions); the field "" is the single drawn-caption view."""
         pairs, structure, dropped, offered = [], [], 0, 0
         for name, (student, captions) in views.items():
-            keep = teacher_reads_whole(self.teacher.tokenizer, captions, self.limit)
-            rows = [i for i, ok in enumerate(keep) if ok]
-            kept = [captions[i] for i in rows]
-            dropped, offered = dropped + len(captions) - len(kept), offered + len(captions)
+            # The full teacher tokenisation (special tokens included): its length decides, and the teacher embeds it.
+            ids = self.teacher.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+            rows = [i for i, row in enumerate(ids) if len(row) <= self.limit]
+            dropped, offered = dropped + len(captions) - len(rows), offered + len(captions)
             if len(rows) < len(captions):
                 # Row numbers from the host, copied without waiting for the device (a boolean mask would make the
                 # host wait to learn how many rows it keeps).
                 student = student.index_select(0, torch.tensor(rows, dtype=torch.long).to(student.device,
                                                                                            non_blocking=True))
-            teacher = (self.teacher.encode(kept, self.device, self.limit) if kept
+            teacher = (self.teacher.encode_ids([ids[i] for i in rows], self.device) if rows
                        else student.new_zeros(0, student.shape[1]))
             pairs.append((student, teacher))
             structure.append(not self.structure_views or name in self.structure_views)
