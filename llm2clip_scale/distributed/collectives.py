@@ -114,13 +114,15 @@ def sum_to_row_owners(rows: torch.Tensor, group: dist.ProcessGroup | None, reduc
     return summed[rank * block:(rank + 1) * block].clone()
 
 
-def gather_in_sample_order(index: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def gather_in_sample_order(index: torch.Tensor, *rows: torch.Tensor,
+                           equal_rows: bool | None = None) -> tuple[torch.Tensor, ...]:
     """Gather each tensor of ``rows`` over the world and sort the rows by ``index`` (their global sample numbers).
 
     Evaluation splits a held-out set over ranks; this puts every rank's rows back in one order known to all ranks.
+    ``equal_rows``: as for :func:`all_gather_rows`.
     """
-    order = torch.argsort(all_gather_rows(index)[0])
-    return tuple(all_gather_rows(part)[0][order] for part in rows)
+    order = torch.argsort(all_gather_rows(index, equal_rows=equal_rows)[0])
+    return tuple(all_gather_rows(part, equal_rows=equal_rows)[0][order] for part in rows)
 
 
 def sum_over_ranks(value: int, device: torch.device, group: dist.ProcessGroup | None = None) -> int:

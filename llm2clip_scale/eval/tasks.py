@@ -21,7 +21,7 @@ from PIL import Image
 from llm2clip_scale.config.schema import Config
 from llm2clip_scale.data.eval_sets import EvalSet, read_eval_set
 from llm2clip_scale.data.samples import ImageTransform
-from llm2clip_scale.distributed.collectives import all_gather_rows
+from llm2clip_scale.distributed.collectives import gather_in_sample_order
 from llm2clip_scale.eval.cra import caption_retrieval_accuracy
 from llm2clip_scale.eval.encoders import Encoders
 from llm2clip_scale.eval.multi_caption import multi_caption_recall
@@ -72,9 +72,8 @@ def encode_split(count: int, encode: Callable[[list[int]], torch.Tensor], batch_
     if world_size > 1:
         if not dist.is_initialized() or dist.get_world_size() != world_size:
             raise ValueError(f"encode_split: world_size {world_size} needs an initialised process group of that size")
-        index, rows = all_gather_rows(index, equal_rows=True)[0], all_gather_rows(rows, equal_rows=True)[0]
-    order = torch.argsort(index)
-    return rows[order][index[order] >= 0]
+        index, rows = gather_in_sample_order(index, index, rows, equal_rows=True)
+    return rows[index >= 0]  # one rank: its rows are 0..count-1 in order, none padded
 
 
 class EvalTasks:
