@@ -93,7 +93,7 @@ def _train_then_eval(data: Path, run_dir: Path) -> dict:
     pp2 = ["parallel.pipeline_parallel=2"]
     evaluated_pp2 = build_stage2(load_config(CONFIG, [*overrides, *pp2, "parallel.zero_stage=2"]),
                                  str(run_dir / "ckpt"))[0].evaluate()
-    # ZeRO-3 (the vision tower and adapter gathered parameter by parameter in every forward) cannot load a ZeRO-1
+    # ZeRO-3 (the vision tower and adapter gathered parameter by parameter in every forward) does not load a ZeRO-1
     # checkpoint, and says so; as built (the seed's weights) it evaluates as the ZeRO-1, TP=1 model does.
     try:
         build_stage2(load_config(CONFIG, [*overrides, *pp2, "parallel.zero_stage=3"]), str(run_dir / "ckpt"))
@@ -126,7 +126,7 @@ def test_eval_tasks_during_training_and_from_the_cli(run: tuple[list[dict], Path
         assert evaluated[key] == pytest.approx(value, abs=1e-6), key
     assert first["evaluated_tp2"] == pytest.approx(evaluated, abs=1e-6)
     assert first["evaluated_pp2"] == pytest.approx(evaluated, abs=1e-6)
-    assert "saved by 2 rank(s) under parallel.zero_stage=1; this run has 2 rank(s) and zero_stage=3" in (
+    assert "saved under parallel.zero_stage=1 (by 2 rank(s)); this run has zero_stage=3 (2 rank(s))" in (
         first["zero3_refused"])
     assert first["initial_pp2_zero3"] == pytest.approx(first["initial"], abs=1e-6)
     assert first["initial"] != pytest.approx(evaluated, abs=1e-6)  # the trained model scores differently

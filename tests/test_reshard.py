@@ -61,8 +61,8 @@ def _universal_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_vision_side_resumes_at_dp1_from_dp2(tiny_data: Path, tmp_path: Path) -> None:
-    zero_stage = 2  # partitions optimizer states and gradients (ZeRO-1 takes the same universal path)
+@pytest.mark.parametrize("zero_stage", [2, 3])  # ZeRO-1 takes ZeRO-2's universal path; ZeRO-3 partitions weights too
+def test_vision_side_resumes_at_dp1_from_dp2(tiny_data: Path, tmp_path: Path, zero_stage: int) -> None:
     from llm2clip_scale.checkpoint.reshard import _convert_to_universal
 
     run_on_ranks(_train, 2, _stage2_overrides(tiny_data, tmp_path / "dp2", 3, f"parallel.zero_stage={zero_stage}"))

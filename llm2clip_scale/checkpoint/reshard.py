@@ -1,8 +1,8 @@
 """Loading the DeepSpeed (vision) side of a checkpoint, at the data-parallel size it was saved with or another.
 
 Same world size and ZeRO stage: DeepSpeed's own ``load_checkpoint`` (ZeRO partitions, optimizer, lr schedule),
-bit-exact. Another world size, or ZeRO-1 <-> ZeRO-2: ZeRO partitions belong to the old ranks and stage, so the
-checkpoint is first converted to DeepSpeed's
+bit-exact. Another world size (any stage), or ZeRO-1 <-> ZeRO-2: ZeRO partitions belong to the old ranks and stage,
+so the checkpoint is first converted to DeepSpeed's
 universal checkpoint format (``deepspeed.checkpoint.ds_to_universal``: one fp32 file per parameter for the weights
 and each optimizer moment), once, by rank 0, next to the original; every rank then loads it with
 ``checkpoint.load_universal``, which re-partitions for the new world.
@@ -34,14 +34,14 @@ def load_engine(engine: object, path: Path, tag: str, saved_world: int, world: i
         if load_path is None:
             raise CheckpointError(f"{path / tag}: DeepSpeed found no checkpoint to load")
         return
-    if (saved_stage != stage and 0 in (saved_stage, stage)) or 3 in (saved_stage, stage):
-        # ZeRO-0 keeps the optimizer in the model file and ZeRO-3 partitions the weights too; DeepSpeed's universal
-        # format, the conversion used below, restores neither here (its loader finds no ZeRO-3 model files).
+    if saved_stage != stage and {saved_stage, stage} != {1, 2}:
+        # ZeRO-0 keeps the optimizer in the model file and ZeRO-3 names its model files per rank; DeepSpeed's
+        # universal loader (the conversion below) looks for the target stage's files, so it crosses neither boundary.
         raise CheckpointError(
-            f"{path}: saved by {saved_world} rank(s) under parallel.zero_stage={saved_stage}; this run has {world} "
-            f"rank(s) and zero_stage={stage}. A checkpoint converts between world sizes and between ZeRO stages 1 and "
-            "2 only (ZeRO-0: world sizes only; ZeRO-3: neither): run with the saved world size and zero_stage "
-            "(tools/convert_to_hf.py exports a checkpoint of any layout)")
+            f"{path}: saved under parallel.zero_stage={saved_stage} (by {saved_world} rank(s)); this run has "
+            f"zero_stage={stage} ({world} rank(s)). A checkpoint reloads at another world size under its own stage, "
+            "and between ZeRO stages 1 and 2; not into or out of ZeRO-0 or ZeRO-3: set parallel.zero_stage="
+            f"{saved_stage} (tools/convert_to_hf.py exports a checkpoint of any layout)")
     _load_resharded(engine, path, tag, saved_world, world)
 
 
