@@ -1,8 +1,13 @@
-"""A tiny global batch of (query, positive, hard negative) token rows shared by the LoRA and stage-1 tests."""
+"""Stage-1 test helpers: a tiny global batch of (query, positive, hard negative) token rows shared by the LoRA and
+stage-1 tests, and the group-keeping collate the caption-pair stream tests read batches with."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+
+from llm2clip_scale.data.pairs import CaptionPair
 
 PAIRS, WIDTH, INSTRUCTION_TOKENS = 8, 10, 2
 
@@ -24,3 +29,12 @@ def synthetic_pair_tokens(vocab_size: int, seed: int) -> tuple[torch.Tensor, tor
     pool = mask.clone()
     pool[0, :, :INSTRUCTION_TOKENS] = 0
     return torch.stack([query, positive, negative]), mask, pool
+
+
+def collate_groups(pairs: list[CaptionPair]) -> dict:
+    """A stand-in collate for PairBatches: each pair's source group (path@offset) and the pairs themselves."""
+    return {"groups": [p.group for p in pairs], "pairs": list(pairs)}
+
+
+def take(stream: Iterator[dict], n: int) -> list[dict]:
+    return [next(stream) for _ in range(n)]

@@ -21,6 +21,7 @@ from llm2clip_scale.data.pair_files import byte_range, read_pair_file, read_pair
 from llm2clip_scale.data.pair_stream import PairBatches
 from llm2clip_scale.data.pairs import CaptionPair, iter_caption_pairs, shard_source
 from llm2clip_scale.data.shards import SkipCounter
+from tests.pair_batches import collate_groups, take
 
 NUM_SHARDS = 5
 
@@ -261,43 +262,35 @@ def _cfg(src: str) -> Config:
     return cfg
 
 
-def _collate(pairs: list[CaptionPair]) -> dict:
-    return {"groups": [p.group for p in pairs], "pairs": list(pairs)}
-
-
-def _take(stream, n: int) -> list[dict]:
-    return [next(stream) for _ in range(n)]
-
-
 def test_replicas_read_the_same_batches_and_resume_exactly(source: dict) -> None:
     cfg = _cfg(source["all"])
     rank, world = 1, 2  # 4 pairs per batch
-    reference = PairBatches(cfg, _collate, rank, world, SkipCounter("reference"))
+    reference = PairBatches(cfg, collate_groups, rank, world, SkipCounter("reference"))
     stream = iter(reference)
-    first = _take(stream, 40)  # past the end of the first epoch (~50 pairs on this rank)
+    first = take(stream, 40)  # past the end of the first epoch (~50 pairs on this rank)
     assert reference.epoch >= 1
     # Another TP/PP rank of the same replica: the same LLM-DP coordinates, the same batches.
-    twin = iter(PairBatches(cfg, _collate, rank, world, SkipCounter("twin")))
-    assert _take(twin, 40) == first
-    other = iter(PairBatches(cfg, _collate, 0, world, SkipCounter("other")))
-    assert not {g for b in _take(other, 5) for g in b["groups"]} & {g for b in first[:5] for g in b["groups"]}
+    twin = iter(PairBatches(cfg, collate_groups, rank, world, SkipCounter("twin")))
+    assert take(twin, 40) == first
+    other = iter(PairBatches(cfg, collate_groups, 0, world, SkipCounter("other")))
+    assert not {g for b in take(other, 5) for g in b["groups"]} & {g for b in first[:5] for g in b["groups"]}
 
     for k in (3, 14, 16, 30):  # inside the first epoch, around its end, inside the second
-        interrupted = PairBatches(cfg, _collate, rank, world, SkipCounter("interrupted"))
-        assert _take(iter(interrupted), k) == first[:k]
+        interrupted = PairBatches(cfg, collate_groups, rank, world, SkipCounter("interrupted"))
+        assert take(iter(interrupted), k) == first[:k]
         state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint keeps
-        resumed = PairBatches(cfg, _collate, rank, world, SkipCounter("resumed"))
+        resumed = PairBatches(cfg, collate_groups, rank, world, SkipCounter("resumed"))
         resumed.load_state_dict(state)
-        assert _take(iter(resumed), 6) == first[k : k + 6], k
+        assert take(iter(resumed), 6) == first[k : k + 6], k
         assert resumed.skips.counts == _counts_after(cfg, rank, world, k + 6), k
     with pytest.raises(ValueError, match="same split"):
-        PairBatches(cfg, _collate, 0, 4, SkipCounter("x")).load_state_dict(state)
+        PairBatches(cfg, collate_groups, 0, 4, SkipCounter("x")).load_state_dict(state)
 
 
 def _counts_after(cfg: Config, rank: int, world: int, batches: int) -> dict[str, int]:
     """Skip counts of an uninterrupted stream after ``batches`` batches."""
-    stream = PairBatches(cfg, _collate, rank, world, SkipCounter("uninterrupted"))
-    _take(iter(stream), batches)
+    stream = PairBatches(cfg, collate_groups, rank, world, SkipCounter("uninterrupted"))
+    take(iter(stream), batches)
     return stream.skips.counts
 
 

@@ -21,6 +21,7 @@ from llm2clip_scale.data.pairs import CaptionPair, PairCollator, attach_hard_neg
 from llm2clip_scale.data.prompts import DEFAULT_INSTRUCTION, tokenize_captions
 from llm2clip_scale.data.shards import SkipCounter
 from tests.multiprocess import run_on_ranks
+from tests.pair_batches import collate_groups, take
 
 # ------------------------------------------------------------------------------------------ per-row instructions
 
@@ -90,14 +91,6 @@ def _cfg(source: str, seed: int = 5) -> Config:
     return cfg
 
 
-def _collate(pairs: list[CaptionPair]) -> dict:
-    return {"groups": [p.group for p in pairs], "pairs": list(pairs)}
-
-
-def _take(stream, n: int) -> list[dict]:
-    return [next(stream) for _ in range(n)]
-
-
 def _source_of(batch: dict) -> str:
     names = {group.split("@")[0] for group in batch["groups"]}
     assert len(names) == 1, names  # every row of the batch from one source
@@ -107,9 +100,9 @@ def _source_of(batch: dict) -> str:
 def test_every_global_batch_comes_from_one_source_and_resumes_exactly(tmp_path: Path) -> None:
     paths = _source_files(tmp_path)
     cfg = _cfg("::".join(map(str, paths)))
-    ranks = [iter(PairBatches(cfg, _collate, rank, 2, SkipCounter(f"r{rank}"))) for rank in range(2)]
+    ranks = [iter(PairBatches(cfg, collate_groups, rank, 2, SkipCounter(f"r{rank}"))) for rank in range(2)]
     steps = 60
-    batches = [_take(stream, steps) for stream in ranks]
+    batches = [take(stream, steps) for stream in ranks]
     sources = [[_source_of(b) for b in rank_batches] for rank_batches in batches]
     assert sources[0] == sources[1]  # the whole global batch (both DP ranks) is one source's
     counts = Counter(sources[0])
@@ -122,17 +115,17 @@ def test_every_global_batch_comes_from_one_source_and_resumes_exactly(tmp_path: 
     assert len(from_alpha) >= len(share) and sorted(from_alpha[: len(share)]) == sorted(share)
 
     for k in (1, 17, 40):
-        interrupted = PairBatches(cfg, _collate, 1, 2, SkipCounter("interrupted"))
-        assert _take(iter(interrupted), k) == batches[1][:k]
-        resumed = PairBatches(cfg, _collate, 1, 2, SkipCounter("resumed"))
+        interrupted = PairBatches(cfg, collate_groups, 1, 2, SkipCounter("interrupted"))
+        assert take(iter(interrupted), k) == batches[1][:k]
+        resumed = PairBatches(cfg, collate_groups, 1, 2, SkipCounter("resumed"))
         resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
         read = _count_reads(resumed)
         stream = iter(resumed)
-        assert _take(stream, 1) == batches[1][k : k + 1], k
+        assert take(stream, 1) == batches[1][k : k + 1], k
         # Up to its first batch the resume re-read at most the current pass of each source (rank 1's shares: 20
         # and 30 pairs), plus one batch and the shuffle buffers' read-ahead; not every batch since the start.
         assert sum(read.values()) <= 20 + 30 + 4 + 2 * cfg.data.shuffle_buffer, (k, read)
-        assert _take(stream, 4) == batches[1][k + 1 : k + 5], k
+        assert take(stream, 4) == batches[1][k + 1 : k + 5], k
     assert 40 * 4 > 20 + 30 + 4 + 2 * cfg.data.shuffle_buffer  # k=40: a replay from the start would break the bound
 
 
@@ -156,7 +149,7 @@ def test_a_source_without_pairs_in_a_ranks_share_is_an_error(tmp_path: Path) -> 
     cfg = _cfg(f"{_source_files(tmp_path)[0]}::{empty}", seed=0)
     cfg.data.shuffle_buffer = 1
     with pytest.raises(ValueError, match="source 1 .* has no good pairs"):
-        _take(iter(PairBatches(cfg, _collate, 0, 2, SkipCounter("t"))), 30)
+        take(iter(PairBatches(cfg, collate_groups, 0, 2, SkipCounter("t"))), 30)
 
 
 # ---------------------------------------------------------------------------------------------- random negatives
@@ -205,7 +198,7 @@ def test_the_negative_mode_reaches_the_stream_and_bad_modes_are_refused(tmp_path
     cfg = _cfg(str(path))
     cfg.stage1.one_source_per_batch = False
     cfg.stage1.negative_mode = "random"
-    batch = next(iter(PairBatches(cfg, _collate, 0, 1, SkipCounter("t"))))
+    batch = next(iter(PairBatches(cfg, collate_groups, 0, 1, SkipCounter("t"))))
     reference = {p.group: p.negative for p in iter_caption_pairs(
         str(path), SkipCounter("r"), seed=cfg.train.seed, negative_mode="random")}
     assert [p.negative for p in batch["pairs"]] == [reference[g] for g in batch["groups"]]
